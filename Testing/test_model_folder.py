@@ -27,8 +27,8 @@ from VSCochleaSegLib.model_folder import (
 # ---------------------------------------------------------------------------------------------- data
 
 def tiny_network(dims: int = 3) -> NetworkSpec:
-    return NetworkSpec(dims=dims, in_channels=1, out_channels=3, filters=(4, 8),
-                       kernel_size=((3,) * dims, (3,) * dims), strides=((1,) * dims, (2,) * dims))
+    return NetworkSpec(dims=dims, in_channels=1, out_channels=3, filters=(4, 8, 16),
+                       kernel_size=((3,) * dims,) * 3, strides=((1,) * dims, (2,) * dims, (2,) * dims))
 
 
 def tiny_spec(name: str = "tiny") -> ModelSpec:
@@ -233,10 +233,13 @@ _SEG_NET = "segmentation.members.0.network"
     (_set("crop.mirror_right", "yes"), "field 'crop.mirror_right' must be true or false"),
     (_set(f"{_SEG_NET}.in_channels", 1.5), f"field 'segmentation.members[0].network.in_channels' must be an integer"),
     (_set(f"{_SEG_NET}.dims", 4), "network.dims' must be 2 or 3"),
-    (_set(f"{_SEG_NET}.filters", [4, 8, 16]), "has 3 levels but kernel_size has 2"),
-    (_set(f"{_SEG_NET}.strides", [[1, 1], [2, 2, 2]]), "network.strides[1]' must be a list of 2 integers"),
+    (_set(f"{_SEG_NET}.filters", [4, 8, 16, 32]), "has 4 levels but kernel_size has 3"),
+    (_set(f"{_SEG_NET}.filters", [4, 8]), "has 2 levels but kernel_size has 3"),
+    (_set(f"{_SEG_NET}.strides", [[1, 1], [2, 2, 2], [2, 2]]), "network.strides[1]' must be a list of 2 integers"),
+    (_set(f"{_SEG_NET}", {**tiny_network(2).to_dict(), "filters": [4, 8], "kernel_size": [[3, 3]] * 2,
+                          "strides": [[1, 1], [2, 2]]}), "DynUNet needs at least 3"),
     (_set(f"{_SEG_NET}.out_channels", 2), "out_channels' must be 3"),
-    (_set("segmentation.members.0.patch_size_zyx", [15, 16]), "is not a multiple of the network's total stride"),
+    (_set("segmentation.members.0.patch_size_zyx", [14, 16]), "is not a multiple of the network's total stride"),
     (_set("segmentation.members", []), "field 'segmentation.members' is empty"),
     (_set("segmentation.members.0.in_default", False), "no member with in_default true"),
     (_set("segmentation.fusion", "max"), "field 'segmentation.fusion' must be one of mean, cleanlab"),

@@ -63,6 +63,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 # Names double as folder names in the cache, so they must not be able to climb out of it.
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HASH_CHUNK_BYTES = 1 << 20
+_MIN_LEVELS = 3  # MONAI DynUNet.check_kernel_stride refuses fewer levels
 _DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -266,11 +267,11 @@ class NetworkSpec(_Spec):
         filters = obj.integers("filters", minimum=1)
         kernel_size = obj.integer_rows("kernel_size", dims, minimum=1)
         strides = obj.integer_rows("strides", dims, minimum=1)
-        if not filters:
-            raise obj.error("filters", "must list at least one level.")
         if not len(filters) == len(kernel_size) == len(strides):
             raise obj.error("filters", f"has {len(filters)} levels but kernel_size has {len(kernel_size)} and "
                                        f"strides {len(strides)}; they need one entry per resolution level each.")
+        if len(filters) < _MIN_LEVELS:
+            raise obj.error("filters", f"has {len(filters)} levels; DynUNet needs at least {_MIN_LEVELS}.")
         return cls(dims=dims, in_channels=obj.integer("in_channels", minimum=1),
                    out_channels=obj.integer("out_channels", minimum=1), filters=filters,
                    kernel_size=kernel_size, strides=strides, res_block=obj.flag("res_block", False))

@@ -120,7 +120,7 @@ def build_layers(anat: Anatomy, grid: Grid) -> tuple[list[Layer], np.ndarray]:
         frac = fraction_inside(sdf, edge)
         if not frac.any():
             return
-        tex = _fourier_field(coords, rng, 12, texture) if texture else None
+        tex = _fourier_field(coords, rng, 8, texture) if texture else None
         layers.append(Layer(tissue, sl, frac, tex))
         if store_sdf is not None:
             store_sdf(sl, sdf)
@@ -175,10 +175,13 @@ def build_layers(anat: Anatomy, grid: Grid) -> tuple[list[Layer], np.ndarray]:
 
         cc = ear.cochlea_centreline.mean(0)
         add("fluid", cc, 7.5, lambda c, e=ear: tube(c, e.cochlea_centreline, e.cochlea_radii), store_sdf=cochlea_sdf)
-    for line, r in anat.vessels:
-        centre = line.mean(0)
-        rad = float(np.max(np.linalg.norm(line - centre, axis=1))) + r + 2
-        add("vessel", centre, rad, lambda c, ln=line, r_=r: tube(c, ln, np.full(len(ln), r_, np.float32), k=4))
+    for whole, r in anat.vessels:
+        # 10 mm pieces keep each bounding box tight around a long vessel.
+        for start in range(0, len(whole) - 1, 40):
+            line = whole[start:start + 41]
+            centre = line.mean(0)
+            rad = float(np.max(np.linalg.norm(line - centre, axis=1))) + r + 2
+            add("vessel", centre, rad, lambda c, ln=line, r_=r: tube(c, ln, np.full(len(ln), r_, np.float32), k=1))
     for t in anat.tumours:
         ear = anat.ears[t.side]
         centre = t.cpa_centre if t.cpa_centre is not None else (t.meatal_start + t.meatal_end) / 2

@@ -61,10 +61,14 @@ def tube(p: np.ndarray, centreline: np.ndarray, radii: np.ndarray, k: int = 6) -
     pts = p.reshape(3, -1).T
     tree = cKDTree(centreline)
     k = min(k, len(centreline))
-    dist, idx = tree.query(pts, k=k)
+    # Points farther than the thickest radius + 3 mm only need "outside": pruning them is the speed-up.
+    bound = float(np.max(radii)) + 3.0
+    dist, idx = tree.query(pts, k=k, distance_upper_bound=bound)
     if k == 1:
         dist, idx = dist[:, None], idx[:, None]
-    sdf = np.min(dist - radii[idx], axis=1)
+    valid = idx < len(centreline)
+    r = np.where(valid, radii[np.minimum(idx, len(centreline) - 1)], 0.0)
+    sdf = np.min(np.where(valid, dist - r, bound), axis=1)
     return sdf.reshape(shape).astype(np.float32)
 
 

@@ -1,0 +1,151 @@
+"""Run one network over a volume: device choice, MONAI sliding windows, mirroring TTA, bf16 autocast.
+
+``predict_softmax`` turns a normalised (z, y, x) volume into class probabilities (C, z, y, x) with
+MONAI's sliding-window inferer and Gaussian blending (3D members) or MONAI's ``SliceInferer`` over axial
+slices (2D members). The caller's ``cancel()`` is polled before every window batch, so a Cancel stops
+within one window. Always under ``torch.inference_mode`` (without it, memory grows past 16 GB on
+whole volumes).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from monai.inferers import SliceInferer, sliding_window_inference
+
+from .errors import Cancelled
+
+log = logging.getLogger(__name__)
+
+CancelFn = Optional[Callable[[], bool]]
+ProgressFn = Optional[Callable[[float], None]]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX-bf16 or AVX512-bf16, where bf16 autocast is ~2.5× faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" → CUDA if available, else CPU. Asking for CUDA without a GPU is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from .errors import VSCochleaSegError
+
+        raise VSCochleaSegError("--device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu or auto.")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run networks. ``overlap``: sliding-window overlap fraction; ``mirror_axes``: network axes
+    (0=z, 1=y, 2=x of the volume) to mirror for test-time augmentation; ``precision``: "auto" uses bf16
+    on CPUs with fast bf16 and fp16 on CUDA, "fp32" never autocasts."""
+
+    overlap: float = 0.5
+    mirror_axes: tuple = ()
+    precision: str = "auto"
+    sw_batch_size: int = 1
+
+    def autocast(self, device: torch.device):
+        if self.precision == "fp32":
+            return torch.autocast(device.type, enabled=False)
+        if device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_fast_bf16())
+        return torch.autocast("cuda", dtype=torch.float16)
+
+
+class _Guarded(torch.nn.Module):
+    """Wraps a network so each window batch first checks ``cancel`` and reports progress."""
+
+    def __init__(self, net: torch.nn.Module, cancel: CancelFn, tick: Callable[[], None]):
+        super().__init__()
+        self.net, self.cancel, self.tick = net, cancel, tick
+
+    def forward(self, x):
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("Cancelled by the user; nothing was written.")
+        out = self.net(x)
+        self.tick()
+        return out.float()
+
+
+def _window_count(shape: tuple, roi: tuple, overlap: float) -> int:
+    n = 1
+    for s, r in zip(shape, roi):
+        if s <= r:
+            continue
+        step = max(int(r * (1 - overlap)), 1)
+        n *= int(np.ceil((s - r) / step)) + 1
+    return n
+
+
+def predict_softmax(
+    net: torch.nn.Module,
+    volume_zyx: np.ndarray,
+    patch_size_zyx: tuple,
+    device: torch.device,
+    settings: InferenceSettings = InferenceSettings(),
+    cancel: CancelFn = None,
+    progress: ProgressFn = None,
+) -> np.ndarray:
+    """Class probabilities (C, z, y, x) float32 for a normalised volume (z, y, x).
+
+    ``patch_size_zyx`` has 3 entries for a 3D network or 2 (y, x) for a 2D network run slice by slice.
+    """
+    dims = len(patch_size_zyx)
+    flips = [()] + [(a,) for a in settings.mirror_axes]
+    if dims == 3:
+        total = _window_count(volume_zyx.shape, patch_size_zyx, settings.overlap) * len(flips)
+    else:
+        total = volume_zyx.shape[0] * _window_count(volume_zyx.shape[1:], patch_size_zyx, settings.overlap) * len(flips)
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress is not None:
+            progress(min(done[0] / max(total, 1), 1.0))
+
+    guarded = _Guarded(net, cancel, tick)
+    x = torch.from_numpy(np.ascontiguousarray(volume_zyx, dtype=np.float32))[None, None].to(device)
+    acc = None
+    with torch.inference_mode(), settings.autocast(device):
+        for flip in flips:
+            xi = torch.flip(x, [a + 2 for a in flip]) if flip else x
+            if dims == 3:
+                logits = sliding_window_inference(
+                    xi, tuple(patch_size_zyx), settings.sw_batch_size, guarded,
+                    overlap=settings.overlap, mode="gaussian", padding_mode="constant", cval=0.0,
+                )
+            else:
+                inferer = SliceInferer(
+                    roi_size=tuple(patch_size_zyx), sw_batch_size=max(settings.sw_batch_size, 8), spatial_dim=0,
+                    overlap=settings.overlap, mode="gaussian", padding_mode="constant", cval=0.0, progress=False,
+                )
+                logits = inferer(xi, guarded)
+            prob = torch.softmax(logits.float(), dim=1)
+            if flip:
+                prob = torch.flip(prob, [a + 2 for a in flip])
+            acc = prob if acc is None else acc + prob
+    out = (acc / len(flips))[0].cpu().numpy().astype(np.float32)
+    return out
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Return cached GPU memory to the driver after a run (the Slicer module calls this)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,49 @@
+"""nnU-Net-like intensity augmentation on batches (B, 1, *spatial) in [0, ~1.5], in torch.
+
+Spatial variety comes from the data itself (phantoms vary pose, obliquity and spacing; real data
+varies anyway) and from random crop positions; these transforms vary contrast, brightness, gamma,
+blur and noise, which is what scanner-to-scanner differences in hrT2 look like.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (1, 1, *spatial) with replicate padding."""
+    radius = max(int(round(2 * sigma)), 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    dims = x.dim() - 2
+    conv = F.conv3d if dims == 3 else F.conv2d
+    for axis in range(dims):
+        shape = [1, 1] + [1] * dims
+        shape[2 + axis] = len(k)
+        pad = [0, 0] * dims  # F.pad lists the last axis first
+        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
+        x = conv(F.pad(x, pad, mode="replicate"), k.view(shape))
+    return x
+
+
+def augment_intensity(x: torch.Tensor, g: torch.Generator, p: float = 0.15) -> torch.Tensor:
+    """Random per-sample augmentations, each applied with probability ``p`` (nnU-Net's default)."""
+    out = []
+    for xi in x:
+        xi = xi[None]
+        r = lambda: float(torch.rand(1, generator=g))  # noqa: E731
+        if r() < p:
+            xi = xi + torch.randn(xi.shape, generator=g) * (0.1 * r())
+        if r() < p * 1.5:
+            xi = _blur(xi, 0.5 + r())
+        if r() < p:
+            xi = xi * (0.75 + 0.5 * r())
+        if r() < p:
+            mean = xi.mean()
+            xi = (xi - mean) * (0.75 + 0.5 * r()) + mean
+        if r() < p:
+            xi = xi.clamp(min=0) ** (0.7 + 0.8 * r())
+        out.append(xi[0])
+    return torch.stack(out)

@@ -1,0 +1,81 @@
+"""Turn labelled scans into the exact network inputs the engine builds at inference.
+
+For each case: fit the intensity scale on the whole scan (as the engine does), find the cochlea centres
+from the label map (the engine finds them with the localiser; here a random offset of a few mm stands in
+for the localiser's error), and resample the per-ear crops (right ears mirrored) and the whole-head
+localiser volume with the engine's own geometry functions. Labels are resampled as one-hot maps with
+linear interpolation and arg-maxed, which keeps thin cochlear turns that nearest-neighbour would drop.
+Arrays are (z, y, x); images float16 in [0, 1.5], labels uint8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+
+from VSCochleaSegLib.geometry import GridSpec, box_grid, resample_to_grid
+from VSCochleaSegLib.labels import COCHLEA
+from VSCochleaSegLib.localise import localiser_grid
+from VSCochleaSegLib.measure import index_to_lps
+from VSCochleaSegLib.model_folder import CropSpec, LocaliserSpec, NormalisationSpec
+from VSCochleaSegLib.normalisation import fit_intensity_scale
+
+
+@dataclass
+class CaseArrays:
+    case_id: str
+    crops: list  # [(image (z, y, x) float16, labels uint8)] per ear and jitter
+    localiser: tuple  # (image, labels) on the localiser grid
+
+
+def cochlea_centres_from_labels(labels: sitk.Image) -> dict:
+    """{"left": LPS mm, "right": LPS mm} from the two largest cochlea components (left = larger LPS x)."""
+    arr = sitk.GetArrayViewFromImage(labels)
+    comps = cc3d.connected_components(np.asarray(arr) == COCHLEA, connectivity=26)
+    stats = cc3d.statistics(comps)
+    order = np.argsort(stats["voxel_counts"][1:])[::-1][:2] + 1
+    if len(order) < 2:
+        raise ValueError("fewer than two cochlea components in the label map")
+    pts = index_to_lps(labels, stats["centroids"][order])
+    left, right = (pts[0], pts[1]) if pts[0][0] > pts[1][0] else (pts[1], pts[0])
+    return {"left": left, "right": right}
+
+
+def resample_labels(labels: sitk.Image, grid: GridSpec, n_classes: int = 3, min_fraction=None) -> np.ndarray:
+    """Labels on ``grid`` via linear one-hot resampling + arg-max. ``min_fraction``: {label: f} keeps a
+    class wherever its fraction exceeds f even if another class is larger (for coarse localiser grids)."""
+    arr = sitk.GetArrayViewFromImage(labels)
+    fractions = []
+    for c in range(n_classes):
+        onehot = sitk.GetImageFromArray((np.asarray(arr) == c).astype(np.float32))
+        onehot.CopyInformation(labels)
+        fractions.append(resample_to_grid(onehot, grid, default=1.0 if c == 0 else 0.0))
+    fractions = np.stack(fractions)
+    out = fractions.argmax(0).astype(np.uint8)
+    for c, f in (min_fraction or {}).items():
+        out[fractions[c] > f] = c
+    return out
+
+
+def prepare_case(case_id, image: sitk.Image, labels: sitk.Image, norm: NormalisationSpec, crop: CropSpec,
+                 seg_spacing_xyz_mm, localiser: LocaliserSpec, rng: np.random.Generator,
+                 jitters: int = 2, jitter_mm: float = 3.0) -> CaseArrays:
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    scale = fit_intensity_scale(sitk.GetArrayViewFromImage(image), norm)
+    centres = cochlea_centres_from_labels(labels)
+    left_axis = centres["left"] - centres["right"]
+    left_axis /= np.linalg.norm(left_axis)
+    crops = []
+    for side, sign in (("left", 1.0), ("right", -1.0)):
+        for _ in range(jitters):
+            centre = centres[side] - sign * left_axis * crop.medial_offset_mm + rng.normal(0, jitter_mm, 3)
+            grid = box_grid(centre, crop.size_xyz_mm, seg_spacing_xyz_mm, mirror_x=(side == "right" and crop.mirror_right))
+            img = scale.apply(resample_to_grid(image, grid)).astype(np.float16)
+            crops.append((img, resample_labels(labels, grid)))
+    lgrid = localiser_grid(image, localiser)
+    limg = scale.apply(resample_to_grid(image, lgrid)).astype(np.float16)
+    llab = resample_labels(labels, lgrid, min_fraction={COCHLEA: 0.2})
+    return CaseArrays(case_id, crops, (limg, llab))

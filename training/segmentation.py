@@ -1,0 +1,176 @@
+"""nnU-Net-style supervised training of one DynUNet (2D slices or 3D patches) on prepared arrays.
+
+One trainer serves the localiser, the 3D and the 2D segmentation members: Dice + cross-entropy with deep
+supervision, foreground-oversampled random patches (a third centred on a VS voxel, a sixth on a cochlea
+voxel), intensity augmentation, poly learning-rate decay, bf16 autocast on CPUs that have it, periodic
+checkpoints (resumable) and a CSV log. Arrays are (z, y, x); 2D networks train on axial slices.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from tqdm import tqdm
+
+from VSCochleaSegLib.inference import cpu_has_fast_bf16
+from VSCochleaSegLib.model_folder import NetworkSpec
+from VSCochleaSegLib.networks import build_network, inference_state_dict
+
+from .augment import augment_intensity
+
+
+@dataclass
+class TrainConfig:
+    """One network's training run. ``patch_size_zyx``: (z, y, x) for 3D, (y, x) for 2D."""
+
+    network: dict
+    patch_size_zyx: list
+    iterations: int = 1000
+    batch_size: int = 2
+    optimizer: str = "sgd"  # sgd (nnU-Net: momentum 0.99, nesterov) | adamw
+    learning_rate: float = 0.01
+    weight_decay: float = 3e-5
+    oversample_vs: float = 0.33
+    oversample_cochlea: float = 0.17
+    augment_probability: float = 0.15
+    checkpoint_every: int = 100
+    seed: int = 0
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def network_spec(self) -> NetworkSpec:
+        return NetworkSpec.from_dict(self.network, source="training config", field="network")
+
+
+def _random_patch(img, lab, patch, rng, centre=None):
+    """Cut ``patch`` (same ndim as img) around ``centre`` (or uniformly at random), zero-padding outside."""
+    shape = np.array(img.shape)
+    patch = np.array(patch)
+    if centre is None:
+        lo = np.array([rng.integers(min(0, s - p), max(s - p, 0) + 1) for s, p in zip(shape, patch)])
+    else:
+        lo = np.asarray(centre) - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
+    hi = lo + patch
+    src_lo, src_hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    out_img = np.zeros(patch, np.float32)
+    out_lab = np.zeros(patch, np.uint8)
+    dst = tuple(slice(a - l, b - l) for a, b, l in zip(src_lo, src_hi, lo))
+    src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+    out_img[dst] = img[src]
+    out_lab[dst] = lab[src]
+    return out_img, out_lab
+
+
+class PatchSampler:
+    """Draws training batches from a list of (image, labels) arrays (z, y, x)."""
+
+    def __init__(self, arrays: list, cfg: TrainConfig, rng: np.random.Generator):
+        self.arrays, self.cfg, self.rng = arrays, cfg, rng
+        self.fg = [{c: np.argwhere(lab == c) for c in (1, 2)} for _, lab in arrays]
+
+    def batch(self):
+        imgs, labs = [], []
+        dims = len(self.cfg.patch_size_zyx)
+        for _ in range(self.cfg.batch_size):
+            k = int(self.rng.integers(len(self.arrays)))
+            img, lab = self.arrays[k]
+            u = self.rng.random()
+            cls = 1 if u < self.cfg.oversample_vs else 2 if u < self.cfg.oversample_vs + self.cfg.oversample_cochlea else None
+            pts = self.fg[k].get(cls) if cls else None
+            centre = pts[self.rng.integers(len(pts))] if pts is not None and len(pts) else None
+            if dims == 2:
+                z = int(centre[0]) if centre is not None else int(self.rng.integers(img.shape[0]))
+                pi, pl = _random_patch(img[z], lab[z], self.cfg.patch_size_zyx, self.rng, None if centre is None else centre[1:])
+            else:
+                pi, pl = _random_patch(img, lab, self.cfg.patch_size_zyx, self.rng, centre)
+            imgs.append(pi)
+            labs.append(pl)
+        return torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
+
+
+def _optimizer(net, cfg: TrainConfig):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(net.parameters(), cfg.learning_rate, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(net.parameters(), cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def dice_per_class(pred: np.ndarray, lab: np.ndarray, classes=(1, 2)) -> dict:
+    out = {}
+    for c in classes:
+        a, b = pred == c, lab == c
+        d = a.sum() + b.sum()
+        out[c] = 1.0 if d == 0 else 2.0 * float((a & b).sum()) / float(d)
+    return out
+
+
+def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, progress: bool = True) -> dict:
+    """Train and return the inference state dict. Resumes from ``out_dir/<name>_checkpoint.pt`` if present."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    net = build_network(cfg.network_spec, deep_supervision=True)
+    opt = _optimizer(net, cfg)
+    start = 0
+    ckpt_path = out_dir / f"{name}_checkpoint.pt"
+    if ckpt_path.exists():  # our own checkpoint from an earlier run of this config
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["opt"])
+        start = int(ckpt["iteration"])
+        rng = np.random.default_rng([cfg.seed, start])
+    (out_dir / f"{name}_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    sampler = PatchSampler(arrays, cfg, rng)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    weights = np.array([1.0, 0.5, 0.25])
+    weights = weights / weights.sum()
+    use_bf16 = cpu_has_fast_bf16()
+    log_path = out_dir / f"{name}_log.csv"
+    new_log = not log_path.exists() or start == 0
+    with open(log_path, "w" if new_log else "a", newline="") as f:
+        writer = csv.writer(f)
+        if new_log:
+            writer.writerow(["iteration", "loss", "lr", "seconds"])
+        net.train()
+        t0 = time.time()
+        running = []
+        bar = tqdm(range(start, cfg.iterations), desc=name, disable=not progress, initial=start, total=cfg.iterations)
+        for it in bar:
+            lr = cfg.learning_rate * (1 - it / cfg.iterations) ** 0.9
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = sampler.batch()
+            x = augment_intensity(x, g, cfg.augment_probability)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                out = net(x)
+            out = out.float()
+            loss = sum(w * loss_fn(out[:, i], y) for i, w in enumerate(weights[: out.shape[1]]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+            opt.step()
+            running.append(float(loss))
+            if (it + 1) % 20 == 0:
+                writer.writerow([it + 1, np.mean(running), lr, round(time.time() - t0, 1)])
+                f.flush()
+                bar.set_postfix(loss=f"{np.mean(running):.3f}")
+                running = []
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                tmp = ckpt_path.with_suffix(".tmp")
+                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "iteration": it + 1}, tmp)
+                tmp.replace(ckpt_path)
+    net.eval()
+    return inference_state_dict(net)
