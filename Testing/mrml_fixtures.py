@@ -176,6 +176,7 @@ class FakeResult:
     model_name: str = "fake"
     model_version: str = "0.0"
     timings_s: Dict[str, float] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
 
 
 class FakeSegmenter:
@@ -195,6 +196,7 @@ class FakeSegmenter:
         self.released = 0
         self.threads: List[int] = []
         self.progress_seen: List[Tuple[str, float]] = []
+        self.warnings: List[str] = []
 
     def segment_image(self, image, progress=None, cancel=None):
         self.calls += 1
@@ -216,7 +218,7 @@ class FakeSegmenter:
         labels, centres = phantom_labels(image, self.vs_side)
         midline = tuple((np.asarray(centres["left"]) + np.asarray(centres["right"])) / 2)
         measurements = measure(labels, midline_point_lps=midline, confidence={"vs": 0.9, "cochlea": 0.8})
-        return FakeResult(labels, measurements, centres, midline)
+        return FakeResult(labels, measurements, centres, midline, warnings=list(self.warnings))
 
     def release(self) -> None:
         self.released += 1

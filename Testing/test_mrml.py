@@ -332,6 +332,17 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu_with_a_message(scene):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
 
 
+def test_the_engines_warnings_reach_the_user(scene):
+    volume = add_volume(scene, make_image())
+    segmenter = FakeSegmenter()
+    segmenter.warnings = ["CUDA ran out of memory; this scan was segmented on the CPU."]
+    job = vmrml.SegmentationJob(volume, segmenter=segmenter)
+    job.start()
+    job.wait(10)
+    job.finish()
+    assert job.messages == segmenter.warnings
+
+
 def test_out_of_memory_on_the_cpu_is_not_retried(scene):
     image = make_image()
     with pytest.raises(RuntimeError, match="out of memory"):

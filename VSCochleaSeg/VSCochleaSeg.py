@@ -82,11 +82,17 @@ and the two methods' papers listed in the project's README. Data: crossMoDA (CC-
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
+_sampleRegistered = False
+
+
 def registerSampleData():
     """Add the bundled phantom hrT2 to the Sample Data module (if it is installed with the extension)."""
-    if not SAMPLE_PATH.exists():
+    global _sampleRegistered
+    if _sampleRegistered or not SAMPLE_PATH.exists():
         return
     import SampleData
+
+    _sampleRegistered = True
 
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="VSCochleaSeg",
@@ -277,10 +283,9 @@ class VSCochleaSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onChoiceChanged(self, _index=None) -> None:
         if self._parameterNode is None:
             return
-        with slicer.util.NodeModify(self._parameterNode):
-            self._parameterNode.model = self.ui.modelComboBox.currentData or ""
-            self._parameterNode.device = self.ui.deviceComboBox.currentData
-            self._parameterNode.quality = self.ui.qualityComboBox.currentData
+        self._parameterNode.model = self.ui.modelComboBox.currentData or ""
+        self._parameterNode.device = self.ui.deviceComboBox.currentData
+        self._parameterNode.quality = self.ui.qualityComboBox.currentData
 
     def onLoadModelFolder(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Select a model folder (holding model.json)")
@@ -463,6 +468,7 @@ class VSCochleaSegLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, segmentationNode=None, model=None, device="auto", quality="full",
                 overwrite=False, progress=None, cancel=None, show3D=False):
         """Synchronous segmentation (console, tests): returns (segmentation node, measurements)."""
+        mrml.check_segmentation_writable(segmentationNode, overwrite)  # before spending time on loading a model
         key = (model, device, quality)
         segmenter = self._cachedSegmenter(key) or mrml.default_segmenter_factory(model, device, quality)
         self._keep(key, segmenter)
@@ -573,8 +579,8 @@ class VSCochleaSegTest(ScriptedLoadableModuleTest):
     def test_WidgetApplyAndCancel(self):
         self.delayDisplay("Apply and Cancel through the module's GUI")
         volume = self._loadSample()
-        slicer.util.selectModule("VSCochleaSeg")
-        widget = slicer.modules.VSCochleaSegWidget
+        widget = slicer.util.getModuleWidget("VSCochleaSeg")  # works without a main window too
+        widget.initializeParameterNode()
         widget._parameterNode.inputVolume = volume
         widget._parameterNode.outputSegmentation = None
         widget._parameterNode.quality = "fast"

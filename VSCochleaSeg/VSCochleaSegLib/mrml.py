@@ -764,6 +764,8 @@ def segment_volume_node(volume_node, segmentation_node=None, model: Optional[str
                               segmenter=segmenter, segmenter_factory=segmenter_factory)
     if cancel is not None and cancel():
         raise Cancelled("Cancelled; the scene was not changed.")
+    for warning in getattr(result, "warnings", None) or []:
+        logger.warning("VSCochleaSeg: %s", warning)
     if progress:
         progress("write", 0.0)
     segmentation_node = result_to_segmentation_node(volume_node, result, segmentation_node, overwrite=overwrite,
@@ -819,6 +821,7 @@ class SegmentationJob:
                 self._image, model=self.model, device=self.device, quality=self.quality, progress=self._progress,
                 cancel=self._cancel.is_set, segmenter=self.segmenter, segmenter_factory=self._factory,
                 on_message=self.messages.append)
+            self.messages.extend(getattr(self._result, "warnings", None) or [])
         except BaseException as error:  # noqa: BLE001 - handed to the main thread by finish()
             self._error = error
 
@@ -969,9 +972,9 @@ def process_folder(input_dir: Union[str, Path], output_dir: Union[str, Path], *,
     ``progress(message, fraction)`` gets "case i/n name: stage" and the fraction of the whole batch.
 
     Returns:
-        One dict per input: {"input", "case", "status": "done" | "skipped" | "failed", "outputs",
-        "measurements" (dict or None), "error" (str or None)}; the summary CSV path is in
-        ``process_folder.last_summary`` style — see the "summary" entry of the last row's "outputs".
+        One dict per input: {"input", "case", "status": "done" | "skipped" | "failed" | "cancelled",
+        "outputs" ({kind: path}), "measurements" (dict or None), "error" (str or None), "summary"
+        (path of ``summary_measurements_<time>.csv``, one row per segmented case; absent if none)}.
     """
     inputs = find_inputs(input_dir, patterns)
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,77 @@
+"""Post-processing rules on hand-made label maps: one VS and one cochlea per side, distance rule."""
+
+from __future__ import annotations
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+
+from VSCochleaSegLib.localise import EarLocations, ears_from_probabilities
+from VSCochleaSegLib.geometry import GridSpec
+from VSCochleaSegLib.model_folder import PostprocessSpec
+from VSCochleaSegLib.postprocess import postprocess_labels
+
+SPEC = PostprocessSpec(True, True, 20.0, 0.0)
+
+
+def reference(shape_zyx=(40, 40, 80), spacing=(1.0, 1.0, 1.0)):
+    img = sitk.Image(list(shape_zyx[::-1]), sitk.sitkUInt8)
+    img.SetSpacing(spacing)
+    return img
+
+
+def ears():
+    # x index 20 → left ear at x = 60 mm, right ear at x = 20 mm; midline x = 40 mm; z = 20 mm.
+    return EarLocations({"left": np.array([60.0, 20.0, 20.0]), "right": np.array([20.0, 20.0, 20.0])},
+                        np.array([40.0, 20.0, 20.0]), np.array([1.0, 0.0, 0.0]))
+
+
+def components(mask):
+    return int(cc3d.connected_components(mask, connectivity=26).max())
+
+
+def test_keeps_the_largest_vs_per_side_and_drops_the_rest():
+    lab = np.zeros((40, 40, 80), np.uint8)
+    lab[15:25, 15:25, 45:55] = 1  # big VS, left
+    lab[15:17, 15:17, 65:67] = 1  # small VS blob, left
+    lab[18:20, 18:20, 10:12] = 1  # small VS blob, right: kept (largest on its side)
+    out = postprocess_labels(lab, reference(), ears(), SPEC)
+    assert out[20, 20, 50] == 1
+    assert out[16, 16, 66] == 0
+    assert out[19, 19, 11] == 1
+
+
+def test_drops_vs_far_from_the_cochlea_along_z():
+    lab = np.zeros((40, 40, 80), np.uint8)
+    lab[0:3, 15:20, 50:55] = 1  # centre z ≈ 1 mm, cochlea z = 20 mm → 19 mm: kept
+    out = postprocess_labels(lab, reference(), ears(), SPEC)
+    assert out.sum() > 0
+    lab2 = np.zeros((40, 40, 80), np.uint8)
+    lab2[:, :, :] = 0
+    lab2[0:3, 15:20, 50:55] = 1
+    far = EarLocations({"left": np.array([60.0, 20.0, 35.0]), "right": np.array([20.0, 20.0, 35.0])},
+                       np.array([40.0, 20.0, 35.0]), np.array([1.0, 0.0, 0.0]))
+    assert postprocess_labels(lab2, reference(), far, SPEC).sum() == 0
+
+
+def test_one_cochlea_per_side_and_labels_stay_in_0_1_2():
+    lab = np.zeros((40, 40, 80), np.uint8)
+    lab[18:22, 18:22, 58:62] = 2
+    lab[5:7, 5:7, 70:72] = 2
+    lab[18:22, 18:22, 18:22] = 2
+    out = postprocess_labels(lab, reference(), ears(), SPEC)
+    assert set(np.unique(out)) <= {0, 1, 2}
+    left = out[:, :, 40:] == 2
+    right = out[:, :, :40] == 2
+    assert components(left) == 1 and components(right) == 1
+
+
+def test_localiser_picks_one_cochlea_each_side_and_mirrors_a_missing_one():
+    grid = GridSpec((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (40, 20, 10))
+    volume = np.ones((10, 20, 40), np.float32)
+    prob = np.zeros((10, 20, 40), np.float32)
+    prob[4:6, 9:11, 30:32] = 0.9  # left (x ≈ 61 mm)
+    ears_found = ears_from_probabilities(prob, volume, grid)
+    assert ears_found.mirrored == {"right": True}
+    assert ears_found.cochlea_lps["left"][0] > ears_found.midline_point_lps[0] > ears_found.cochlea_lps["right"][0]
+    assert ears_found.warnings
