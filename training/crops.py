@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cc3d
 import numpy as np
 import SimpleITK as sitk
 
 from VSCochleaSegLib.geometry import GridSpec, box_grid, resample_to_grid
 from VSCochleaSegLib.labels import COCHLEA
-from VSCochleaSegLib.localise import localiser_grid
-from VSCochleaSegLib.measure import index_to_lps
+from VSCochleaSegLib.localise import cochlea_centres_from_labels, localiser_grid
 from VSCochleaSegLib.model_folder import CropSpec, LocaliserSpec, NormalisationSpec
 from VSCochleaSegLib.normalisation import fit_intensity_scale
 
@@ -29,19 +27,6 @@ class CaseArrays:
     case_id: str
     crops: list  # [(image (z, y, x) float16, labels uint8)] per ear and jitter
     localiser: tuple  # (image, labels) on the localiser grid
-
-
-def cochlea_centres_from_labels(labels: sitk.Image) -> dict:
-    """{"left": LPS mm, "right": LPS mm} from the two largest cochlea components (left = larger LPS x)."""
-    arr = sitk.GetArrayViewFromImage(labels)
-    comps = cc3d.connected_components(np.asarray(arr) == COCHLEA, connectivity=26)
-    stats = cc3d.statistics(comps)
-    order = np.argsort(stats["voxel_counts"][1:])[::-1][:2] + 1
-    if len(order) < 2:
-        raise ValueError("fewer than two cochlea components in the label map")
-    pts = index_to_lps(labels, stats["centroids"][order])
-    left, right = (pts[0], pts[1]) if pts[0][0] > pts[1][0] else (pts[1], pts[0])
-    return {"left": left, "right": right}
 
 
 def resample_labels(labels: sitk.Image, grid: GridSpec, n_classes: int = 3, min_fraction=None) -> np.ndarray:

@@ -23,6 +23,7 @@ from .geometry import GridSpec, lps_aligned_grid, resample_to_grid
 from .inference import InferenceSettings, predict_softmax
 from .labels import COCHLEA
 from .model_folder import LocaliserSpec
+from .measure import index_to_lps
 from .normalisation import IntensityScale
 
 SIDE_SIGN = {"left": 1.0, "right": -1.0}
@@ -105,3 +106,16 @@ def ears_from_probabilities(cochlea_prob_zyx: np.ndarray, volume_zyx: np.ndarray
         left_axis = np.array([1.0, 0.0, 0.0])
     midline = (cochlea["left"] + cochlea["right"]) / 2
     return EarLocations(cochlea, midline, left_axis, mirrored, warnings)
+
+
+def cochlea_centres_from_labels(labels: sitk.Image) -> dict:
+    """{"left": LPS mm, "right": LPS mm} from the two largest cochlea components (left = larger LPS x)."""
+    arr = sitk.GetArrayViewFromImage(labels)
+    comps = cc3d.connected_components(np.asarray(arr) == COCHLEA, connectivity=26)
+    stats = cc3d.statistics(comps)
+    order = np.argsort(stats["voxel_counts"][1:])[::-1][:2] + 1
+    if len(order) < 2:
+        raise ValueError("fewer than two cochlea components in the label map")
+    pts = index_to_lps(labels, stats["centroids"][order])
+    left, right = (pts[0], pts[1]) if pts[0][0] > pts[1][0] else (pts[1], pts[0])
+    return {"left": left, "right": right}

@@ -50,14 +50,16 @@ def make_case(
     name: str | None = None,
     tumour_side: str | None = None,
     size_class: str | None = None,
+    acquisition: dict | None = None,
 ) -> PhantomCase:
     """Render subject ``index`` of ``seed`` in ``modalities`` (all on one grid, sharing one label map).
 
-    The grid follows the first modality's acquisition protocol (spacing, matrix, slab).
+    The grid follows the first modality's acquisition protocol (spacing, matrix, slab);
+    ``acquisition`` pins parts of it (see ``render.make_grid``).
     """
     rng = np.random.default_rng([int(seed), int(index), _STREAMS[stream]])
     anat: Anatomy = sample_anatomy(rng, tumour_side=tumour_side, size_class=size_class)
-    grid = make_grid(anat, rng, modalities[0])
+    grid = make_grid(anat, rng, modalities[0], acquisition)
     layers, labels = build_layers(anat, grid)
     images = {}
     for m in modalities:

@@ -244,8 +244,13 @@ def _bias_field(grid: Grid, rng: np.random.Generator) -> np.ndarray:
     return ndimage.zoom(field, zoom, order=1, mode="nearest")[:nz, :ny, :nx]
 
 
-def make_grid(anat: Anatomy, rng: np.random.Generator, modality: str) -> Grid:
-    """A random acquisition: spacing, matrix, slab position, obliquity, storage flips and head pose."""
+def make_grid(anat: Anatomy, rng: np.random.Generator, modality: str, fixed: dict | None = None) -> Grid:
+    """A random acquisition: spacing, matrix, slab position, obliquity, storage flips and head pose.
+
+    ``fixed`` pins parts of the protocol (benchmarks use it): ``size_xy``, ``n_slices``,
+    ``spacing_xy_mm``, ``spacing_z_mm``.
+    """
+    fixed = fixed or {}
     if modality == "ceT1":
         sxy = rng.uniform(0.4, 0.5)
         fov = rng.uniform(160, 230)
@@ -256,6 +261,8 @@ def make_grid(anat: Anatomy, rng: np.random.Generator, modality: str) -> Grid:
     nxy = int(np.clip(round(fov / sxy / 16) * 16, 256, 512))
     slab_mm = rng.uniform(55, 100)
     nz = int(np.clip(round(slab_mm / sz), 40, 90))
+    sxy, sz = fixed.get("spacing_xy_mm", sxy), fixed.get("spacing_z_mm", sz)
+    nxy, nz = int(fixed.get("size_xy", nxy)), int(fixed.get("n_slices", nz))
     spacing = np.array([sxy, sxy, sz])
     # Head pose (tilt + position in the scanner), then a small slice-plane obliquity.
     pose_rot = _rot(rng.normal(0, [0.10, 0.06, 0.07]))
