@@ -92,7 +92,12 @@ def load_arrays(paths) -> tuple[list, list]:
     return crops, loc
 
 
-def train_all(data_dir, out_dir, cfg: dict, model_out=None, overwrite=False) -> Path:
+def train_all(data_dir, out_dir, cfg: dict, model_out=None, overwrite=False, only=None) -> Path | None:
+    """Prepare, train every network (or only those named in ``only``), export the model folder.
+
+    With ``only``, several processes can train different networks of one run side by side; the
+    model folder is written by a final run without ``only`` once every network has finished.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -103,16 +108,28 @@ def train_all(data_dir, out_dir, cfg: dict, model_out=None, overwrite=False) -> 
     minutes = {"prepare": (time.time() - t0) / 60}
     state_dicts = {}
     jobs = [("localiser", cfg["localiser"]["train"], loc)] + [(m["name"], m["train"], crops) for m in cfg["members"]]
+    if only:
+        unknown = set(only) - {name for name, _, _ in jobs}
+        if unknown:
+            raise SystemExit(f"--only names unknown networks: {sorted(unknown)}")
+        jobs = [j for j in jobs if j[0] in only]
     for name, tcfg, arrays in jobs:
         final = out_dir / f"{name}.safetensors"
         t = time.time()
+        timing = out_dir / f"{name}_minutes.json"
         if final.exists():
             state_dicts[name] = load_file(str(final))
+            if timing.exists():
+                minutes[name] = json.loads(timing.read_text())["minutes"]
             continue
         sd = train_network(arrays, TrainConfig(**tcfg), out_dir, name)
         save_file(sd, str(final))
         state_dicts[name] = sd
         minutes[name] = (time.time() - t) / 60
+        timing.write_text(json.dumps({"minutes": minutes[name], "note": "this process only; resumed runs add up"}))
+    if only:
+        print(f"trained {', '.join(only)}; run again without --only to export the model folder")
+        return None
     spec = build_spec(cfg, data_dir, len(paths), minutes)
     target = Path(model_out) if model_out else out_dir / "model"
     write_model_folder(target, spec, state_dicts, overwrite=overwrite)
@@ -155,8 +172,10 @@ def main(argv=None):
     ap.add_argument("--config", required=True, help="config JSON file")
     ap.add_argument("--model-out", help="where to write the model folder (default OUT/model)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    ap.add_argument("--only", help="comma-separated networks to train in this process (localiser, member names)")
     args = ap.parse_args(argv)
-    train_all(args.data, args.out, load_config(args.config), args.model_out, args.overwrite)
+    only = args.only.split(",") if args.only else None
+    train_all(args.data, args.out, load_config(args.config), args.model_out, args.overwrite, only)
 
 
 if __name__ == "__main__":
