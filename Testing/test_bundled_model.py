@@ -53,7 +53,7 @@ def test_bundled_model_segments_the_sample_accurately(sample_result):
 
 
 def test_bundled_model_finds_the_tumour_on_the_right_side(sample_result):
-    info = json.loads((REPO / "Resources" / "Samples" / "phantom_sample_info.json").read_text())
+    info = json.loads((REPO / "Resources" / "Samples" / "phantom_sample_info.json").read_text(encoding="utf-8"))
     assert sample_result.measurements.vs_side == info["vs_sides"][0]
     assert sample_result.measurements.cochlea_left_volume_mm3 > 0
     assert sample_result.measurements.cochlea_right_volume_mm3 > 0

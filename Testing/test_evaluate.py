@@ -125,7 +125,7 @@ def test_table_has_a_row_per_case_and_a_mean_row_with_three_decimals():
 def test_json_has_cases_mean_with_count_and_both_id_lists(tmp_path):
     path = tmp_path / "scores.json"
     write_json(example_result(), path)
-    written = json.loads(path.read_text())
+    written = json.loads(path.read_text(encoding="utf-8"))
     assert set(written) == {"cases", "mean", "missing_predictions", "unmatched_predictions"}
     assert set(written["cases"]["a"]) == METRICS
     assert written["mean"] == {**example_result().mean, "n_cases": 2}
@@ -137,5 +137,5 @@ def test_json_write_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "scores.json"
     path.write_text("old")
     write_json(example_result(), path)
-    assert json.loads(path.read_text())["mean"]["n_cases"] == 2
+    assert json.loads(path.read_text(encoding="utf-8"))["mean"]["n_cases"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]

@@ -451,7 +451,7 @@ def test_export_never_overwrites(scene, tmp_path):
     with pytest.raises(OutputExistsError):
         vmrml.export_segmentation(segmentation, tmp_path, "case")
 
-    assert paths["csv"].read_text() == "the user's own notes"
+    assert paths["csv"].read_text(encoding="utf-8") == "the user's own notes"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values()), "no temp files left"
 
 

@@ -43,7 +43,7 @@ def test_pip_installs_the_missing_packages_with_numpy_and_simpleitk_pinned(tmp_p
     calls = []
 
     def pip_install(args):
-        constraints = Path(args[args.index("-c") + 1]).read_text()
+        constraints = Path(args[args.index("-c") + 1]).read_text(encoding="utf-8")
         calls.append((args, constraints))
 
     plan = slicer_deps.InstallPlan(pip=["monai>=1.3,<2", "safetensors>=0.4"])

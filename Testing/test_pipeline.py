@@ -104,7 +104,7 @@ def test_weights_that_do_not_fit_the_network_are_refused(tmp_path):
     from conftest import write_tiny_model
 
     folder = write_tiny_model(tmp_path / "mismatch")
-    spec = json.loads((folder.path / "model.json").read_text())
+    spec = json.loads((folder.path / "model.json").read_text(encoding="utf-8"))
     spec["segmentation"]["members"][0]["network"]["filters"] = [8, 16, 16]
     (folder.path / "model.json").write_text(json.dumps(spec))
     with pytest.raises(ModelError, match="m3d"):

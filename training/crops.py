@@ -5,7 +5,10 @@ from the label map (the engine finds them with the localiser; here a random offs
 for the localiser's error), and resample the per-ear crops (right ears mirrored) and the whole-head
 localiser volume with the engine's own geometry functions. Labels are resampled as one-hot maps with
 linear interpolation and arg-maxed, which keeps thin cochlear turns that nearest-neighbour would drop.
-Arrays are (z, y, x); images float16 in [0, 1.5], labels uint8.
+The localiser's target is not the thin cochlea itself (a few partial voxels at 2 mm, which a small network
+does not learn to call with probability > 0.5) but an "inner-ear region": a ball of
+``LOCALISER_EAR_RADIUS_MM`` around each cochlea centre, whose centroid is the cochlea centre the engine
+needs (docs/localisation.md). Arrays are (z, y, x); images float16 in [0, 1.5], labels uint8.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from VSCochleaSegLib.labels import COCHLEA
 from VSCochleaSegLib.localise import cochlea_centres_from_labels, localiser_grid
 from VSCochleaSegLib.model_folder import CropSpec, LocaliserSpec, NormalisationSpec
 from VSCochleaSegLib.normalisation import fit_intensity_scale
+
+
+LOCALISER_EAR_RADIUS_MM = 5.0
 
 
 @dataclass
@@ -62,5 +68,19 @@ def prepare_case(case_id, image: sitk.Image, labels: sitk.Image, norm: Normalisa
             crops.append((img, resample_labels(labels, grid)))
     lgrid = localiser_grid(image, localiser)
     limg = scale.apply(resample_to_grid(image, lgrid)).astype(np.float16)
-    llab = resample_labels(labels, lgrid, min_fraction={COCHLEA: 0.2})
+    llab = localiser_target(labels, lgrid, centres)
     return CaseArrays(case_id, crops, (limg, llab))
+
+
+def localiser_target(labels: sitk.Image, grid: GridSpec, centres: dict,
+                     radius_mm: float = LOCALISER_EAR_RADIUS_MM) -> np.ndarray:
+    """Localiser labels on ``grid`` (z, y, x): VS as resampled, class 2 = a ball of ``radius_mm`` around
+    each cochlea centre (LPS mm, ``centres`` from ``cochlea_centres_from_labels``); the ball wins overlaps."""
+    out = resample_labels(labels, grid)
+    out[out == COCHLEA] = 0
+    zyx = np.indices(grid.shape_zyx).reshape(3, -1).T
+    lps = grid.index_to_lps(zyx[:, ::-1])
+    for centre in centres.values():
+        inside = np.linalg.norm(lps - np.asarray(centre), axis=1) <= radius_mm
+        out.reshape(-1)[inside] = COCHLEA
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from VSCochleaSegLib.inference import cpu_has_fast_bf16
 from VSCochleaSegLib.model_folder import NetworkSpec
 from VSCochleaSegLib.networks import build_network, inference_state_dict
 
+from . import distributed
 from .augment import augment_intensity
 
 
@@ -113,32 +115,47 @@ def dice_per_class(pred: np.ndarray, lab: np.ndarray, classes=(1, 2)) -> dict:
     return out
 
 
-def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, progress: bool = True) -> dict:
-    """Train and return the inference state dict. Resumes from ``out_dir/<name>_checkpoint.pt`` if present."""
+def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, progress: bool = True,
+                  init_from: Path | None = None) -> dict:
+    """Train and return the inference state dict. Resumes from ``out_dir/<name>_checkpoint.pt`` if present;
+    otherwise ``init_from`` (another run's checkpoint of the same network) gives the starting weights.
+    Under torchrun the network is wrapped in DistributedDataParallel (``training.distributed``); each rank
+    draws its own batches and rank 0 alone writes checkpoints and logs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    rank = distributed.rank()
+    seed = cfg.seed if rank == 0 else [cfg.seed, 10_000 + rank]
+    torch.manual_seed(cfg.seed + rank)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(cfg.seed + rank)
+    dev = distributed.device()
     net = build_network(cfg.network_spec, deep_supervision=True)
-    opt = _optimizer(net, cfg)
     start = 0
     ckpt_path = out_dir / f"{name}_checkpoint.pt"
+    ckpt = None
     if ckpt_path.exists():  # our own checkpoint from an earlier run of this config
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["opt"])
         start = int(ckpt["iteration"])
-        rng = np.random.default_rng([cfg.seed, start])
-    (out_dir / f"{name}_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        rng = np.random.default_rng([cfg.seed, start] if rank == 0 else [cfg.seed, start, rank])
+    elif init_from is not None:  # warm start: weights only, fresh optimiser and schedule
+        net.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=True)["net"])
+    net = net.to(dev)
+    opt = _optimizer(net, cfg)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["opt"])
+    model = distributed.wrap(net)
+    main = distributed.is_main()
+    if main:
+        (out_dir / f"{name}_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     sampler = PatchSampler(arrays, cfg, rng)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     weights = np.array([1.0, 0.5, 0.25])
     weights = weights / weights.sum()
-    use_bf16 = cpu_has_fast_bf16()
-    log_path = out_dir / f"{name}_log.csv"
+    use_bf16 = cpu_has_fast_bf16() if dev.type == "cpu" else torch.cuda.is_bf16_supported()
+    log_path = out_dir / f"{name}_log.csv" if main else Path(os.devnull)
     new_log = not log_path.exists() or start == 0
     with open(log_path, "w" if new_log else "a", newline="") as f:
         writer = csv.writer(f)
@@ -147,15 +164,17 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
         net.train()
         t0 = time.time()
         running = []
-        bar = tqdm(range(start, cfg.iterations), desc=name, disable=not progress, initial=start, total=cfg.iterations)
+        bar = tqdm(range(start, cfg.iterations), desc=name, disable=not (progress and main), initial=start,
+                   total=cfg.iterations)
         for it in bar:
             lr = cfg.learning_rate * (1 - it / cfg.iterations) ** 0.9
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = sampler.batch()
-            x = augment_intensity(x, g, cfg.augment_probability)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                out = net(x)
+            x = augment_intensity(x, g, cfg.augment_probability).to(dev)
+            y = y.to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(x)
             out = out.float()
             loss = sum(w * loss_fn(out[:, i], y) for i, w in enumerate(weights[: out.shape[1]]))
             opt.zero_grad(set_to_none=True)
@@ -168,7 +187,7 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
                 f.flush()
                 bar.set_postfix(loss=f"{np.mean(running):.3f}")
                 running = []
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            if main and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
                 tmp = ckpt_path.with_suffix(".tmp")
                 torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "iteration": it + 1}, tmp)
                 tmp.replace(ckpt_path)

@@ -36,7 +36,7 @@ _UNSET_SHA256 = "0" * 64
 
 
 def load_config(path) -> dict:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def _localiser_spec(cfg: dict) -> LocaliserSpec:
@@ -120,7 +120,7 @@ def train_all(data_dir, out_dir, cfg: dict, model_out=None, overwrite=False, onl
         if final.exists():
             state_dicts[name] = load_file(str(final))
             if timing.exists():
-                minutes[name] = json.loads(timing.read_text())["minutes"]
+                minutes[name] = json.loads(timing.read_text(encoding="utf-8"))["minutes"]
             continue
         sd = train_network(arrays, TrainConfig(**tcfg), out_dir, name)
         save_file(sd, str(final))

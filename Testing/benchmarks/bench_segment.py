@@ -173,7 +173,7 @@ def main(argv=None):
                   f"{', '.join(f'{v:.1f}' for v in r['per_case_s'])} | {r['peak_rss_mb']:.0f} |")
     md += ["", f"Speed-up of the engine over the naive whole-volume run: **{summary['speedup']:.1f}×**. "
                f"Targets (≤ 30 s, ≤ 3 GB, ≥ 5×) met: **{summary['targets_met']}**.", ""]
-    (out / "speed.md").write_text("\n".join(md))
+    (out / "speed.md").write_text("\n".join(md), encoding="utf-8")
     print("\n".join(md))
 
 

@@ -48,12 +48,12 @@ def main(argv=None):
     run(exe + ["segment", *inputs, "-o", str(pred), "--device", "cpu", "--threads", str(args.threads), "--overwrite", "-q"] + model)
     scores_json = work / f"scores_seed{args.seed}.json"
     run(exe + ["evaluate", "--pred", str(pred), "--gt", str(data), "--json", str(scores_json), "-q"])
-    scores = json.loads(scores_json.read_text())
+    scores = json.loads(scores_json.read_text(encoding="utf-8"))
 
     loc_err, timings, model_info = [], [], None
     for path in inputs:
         stem = Path(path).name[: -len(".nii.gz")]
-        doc = json.loads((pred / f"{stem}.json").read_text())
+        doc = json.loads((pred / f"{stem}.json").read_text(encoding="utf-8"))
         model_info = doc["model"]
         timings.append(doc["timings_s"]["total"])
         truth = cochlea_centres_from_labels(sitk.ReadImage(path.replace("_hrT2.nii.gz", "_Label.nii.gz")))
@@ -91,7 +91,7 @@ def main(argv=None):
         "Phantoms are synthetic: these figures say the engine and training work, not how a model does on real MRI.",
         "",
     ]
-    (out / "phantom_eval.md").write_text("\n".join(md))
+    (out / "phantom_eval.md").write_text("\n".join(md), encoding="utf-8")
     print("\n".join(md))
 
 

@@ -54,12 +54,14 @@ def resolve_device(device: str = "auto") -> torch.device:
 class InferenceSettings:
     """How to run networks. ``overlap``: sliding-window overlap fraction; ``mirror_axes``: network axes
     (0=z, 1=y, 2=x of the volume) to mirror for test-time augmentation; ``precision``: "auto" uses bf16
-    on CPUs with fast bf16 and fp16 on CUDA, "fp32" never autocasts."""
+    on CPUs with fast bf16 and fp16 on CUDA, "fp32" never autocasts. ``sw_batch_size``: 3D windows per
+    batch; ``slice_batch_size``: axial slices per batch for 2D networks."""
 
     overlap: float = 0.5
     mirror_axes: tuple = ()
     precision: str = "auto"
     sw_batch_size: int = 1
+    slice_batch_size: int = 8
 
     def autocast(self, device: torch.device):
         if self.precision == "fp32":
@@ -133,7 +135,7 @@ def predict_softmax(
                 )
             else:
                 inferer = SliceInferer(
-                    roi_size=tuple(patch_size_zyx), sw_batch_size=max(settings.sw_batch_size, 8), spatial_dim=0,
+                    roi_size=tuple(patch_size_zyx), sw_batch_size=settings.slice_batch_size, spatial_dim=0,
                     overlap=settings.overlap, mode="gaussian", padding_mode="constant", cval=0.0, progress=False,
                 )
                 logits = inferer(xi, guarded)

@@ -17,10 +17,11 @@ import gzip
 import json
 import math
 import os
+import re
 import secrets
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,12 +43,19 @@ _TWO_FILE_EXTENSIONS: tuple[str, ...] = (".nhdr", ".mhd", ".hdr", ".img")
 # Clinical MRI voxels are 0.2–6 mm; above 10 mm the header is almost surely in cm/m or broken.
 MAX_SPACING_MM = 10.0
 
+# The largest clinical 3D MRI is ~10^8 voxels (768 × 768 × 400); a header claiming more than 2^30 is
+# damaged or not one MRI volume, and ITK would try to allocate it before noticing the file is short.
+MAX_VOXELS = 2**30
+
 # DICOM stores direction cosines with ~6 decimals and NIfTI quaternions lose a little more, so an
 # honest rotation matrix can be off by ~1e-5; a shear or scaling in the matrix is far above 1e-3.
 _ORTHONORMAL_TOLERANCE = 1e-3
 
 # Streaming chunk for the gzip completeness check (bytes); bounded memory for any file size.
 _GZIP_CHUNK_BYTES = 1 << 22
+
+# A MetaImage text header is a few hundred bytes; 64 KiB leaves room for long metadata.
+_METAIMAGE_HEADER_BYTES = 1 << 16
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -84,6 +92,17 @@ def read_image(path: PathLike) -> sitk.Image:
 
 def _read_file(p: Path) -> sitk.Image:
     """Read one image file; turn SimpleITK's RuntimeError into an InputError naming the file."""
+    _check_metaimage_header(p)
+    info = read_image_information(p)
+    if info is not None and math.prod(info[0]) > MAX_VOXELS:
+        raise InputError(
+            f"'{p.name}' claims {' × '.join(map(str, info[0]))} voxels in its header, far more than any MRI "
+            "scan; the header is damaged or this is not a single MRI volume. Copy or export the scan again."
+        )
+    if _is_single_file_nifti(p):
+        # Before ITK reads: its NIfTI reader allocates what the header claims and silently zero-fills
+        # missing data, so a cut download would read "fine" (and a damaged header could claim gigabytes).
+        _check_nifti_complete(p)
     try:
         img = sitk.ReadImage(str(p))
     except RuntimeError as err:
@@ -97,10 +116,51 @@ def _read_file(p: Path) -> sitk.Image:
             "is damaged or truncated. Copy the file again, check that it opens in a viewer, or "
             "convert it to NIfTI (.nii.gz)."
         ) from err
-    if _is_single_file_nifti(p):
-        # ITK's NIfTI reader silently zero-fills missing data, so a cut download would read "fine".
-        _check_nifti_complete(p)
     return img
+
+
+def _check_metaimage_header(p: Path) -> None:
+    """Refuse a MetaImage (.mha/.mhd) whose NDims is not a small integer, before ITK parses it.
+
+    ITK's MetaIO reader crashes the process (segmentation fault) on e.g. ``NDims = -1`` or
+    ``NDims = 1000`` (found by Testing/test_fuzz.py), so such headers must never reach it.
+    """
+    if not p.name.lower().endswith((".mha", ".mhd")):
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(_METAIMAGE_HEADER_BYTES).decode("latin-1")
+    except OSError:
+        return  # unreadable: SimpleITK reports it
+    for line in head.splitlines():
+        key, eq, value = line.partition("=")
+        key = key.strip().lower()
+        if key == "elementdatafile":  # the header ends here; binary voxel data may follow
+            break
+        if eq and key == "ndims" and not re.fullmatch(r"\s*[1-9]\s*", value):
+            raise InputError(
+                f"'{p.name}' has a damaged MetaImage header (NDims = {value.strip()[:20]!r}; a 3D scan "
+                "has NDims = 3). Copy the file again or re-export the scan."
+            )
+
+
+def read_image_information(path: PathLike) -> Optional[tuple]:
+    """(size (i, j, ...), spacing mm, direction) from an image file's header, without reading its voxels.
+
+    Lets callers estimate memory before reading a huge scan. Returns None for folders (DICOM
+    series) and for files whose header SimpleITK cannot read (:func:`read_image` then reports why).
+    """
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        _check_metaimage_header(p)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        reader.ReadImageInformation()
+    except (InputError, RuntimeError):
+        return None
+    return tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetDirection())
 
 
 def _is_single_file_nifti(p: Path) -> bool:
@@ -340,6 +400,17 @@ def atomic_output(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def stale_temporaries(path: PathLike) -> List[Path]:
+    """Temporary files :func:`atomic_output` left for ``path`` when its process was killed (SIGKILL,
+    power loss: no ``finally`` runs). Callers about to write ``path`` again remove them."""
+    target = Path(path)
+    stem, ext = _split_extension(target.name)
+    pattern = re.compile(re.escape(f".{stem}.tmp-") + r"[0-9a-f]{12}" + re.escape(f".part{ext}"))
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def _refuse_existing(target: Path, overwrite: bool) -> None:

@@ -535,6 +535,9 @@ class ModelSpec(_Spec):
         except json.JSONDecodeError as error:
             raise ModelError(f"{path}: is not valid JSON ({error.msg} at line {error.lineno}, column "
                              f"{error.colno}). The model folder is damaged; re-download or re-export it.") from None
+        except RecursionError:  # thousands of nested brackets (found by Testing/test_fuzz.py)
+            raise ModelError(f"{path}: is not a model.json (its JSON is nested too deeply to read). The model "
+                             f"folder is damaged; re-download or re-export it.") from None
         return cls.from_dict(data, source=str(path))
 
 
@@ -709,7 +712,7 @@ class Registry:
             return cls(default=DEFAULT_MODEL, models={})
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise ModelError(f"{path}: the model registry cannot be read ({error}).") from error
         obj = _JsonObject(data, str(path), "")
         obj.check_keys(["default", "models"])

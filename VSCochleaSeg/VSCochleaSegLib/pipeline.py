@@ -15,6 +15,7 @@ fuse → map the fused probabilities back onto the input grid → arg-max → po
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .checks import ScanChecks, check_scan
 from .errors import Cancelled, ModelError
-from .fusion import agreement, combine_agreement, fuse_mean
+from .fusion import FUSERS, agreement, combine_agreement
 from .geometry import box_grid, labels_to_image, resample_channels_to_reference, resample_to_grid
 from .inference import InferenceSettings, predict_softmax, release_device_memory, resolve_device
 from .localise import EarLocations, localise_ears
@@ -74,11 +76,13 @@ class Segmenter:
 
     model: None (default bundled model), a registered name, a model folder path, or a ModelFolder.
     device: "auto" | "cpu" | "cuda". quality: "full" (every default member) or "fast" (first member).
-    threads: cap on CPU threads (None: PyTorch's default).
+    threads: cap on CPU threads (None: PyTorch's default). checks: thresholds of the pre-flight checks
+    every scan passes before any network runs (field of view, memory, contrast; see checks.py).
+    On CPU the same scan and model give the same labels bit for bit (Testing/test_reliability.py).
     """
 
     def __init__(self, model=None, device: str = "auto", quality: str = "full", threads: Optional[int] = None,
-                 settings: InferenceSettings = InferenceSettings()):
+                 settings: InferenceSettings = InferenceSettings(), checks: ScanChecks = ScanChecks()):
         if quality not in QUALITIES:
             raise ValueError(f"quality must be one of {QUALITIES}, not {quality!r}")
         if threads is not None:
@@ -87,6 +91,7 @@ class Segmenter:
         self.spec = self.folder.spec
         self.device = resolve_device(device)
         self.settings = settings
+        self.checks = checks
         members = [m for m in self.spec.segmentation.members if m.in_default]
         self.members = members[:1] if quality == "fast" else members
         self.quality = quality
@@ -113,15 +118,36 @@ class Segmenter:
 
     def segment_image(self, image: sitk.Image, progress: StageProgress = None, cancel=None) -> SegmentationResult:
         """Segment one scan (SimpleITK image, any orientation). ``progress(stage, fraction)``;
-        ``cancel()`` → True stops at the next window with :class:`Cancelled`."""
-        try:
-            return self._segment(image, progress, cancel)
-        except torch.cuda.OutOfMemoryError:
-            log.warning("CUDA ran out of memory; running this scan on the CPU instead.")
-            self._to_cpu()
-            result = self._segment(image, progress, cancel)
-            result.warnings.append("CUDA ran out of memory; this scan was segmented on the CPU.")
-            return result
+        ``cancel()`` → True stops at the next window with :class:`Cancelled`.
+
+        Raises InputError before any network runs if the scan fails :func:`checks.check_scan`. CUDA
+        out-of-memory is retried with one window per batch, then on the CPU; each step is a warning.
+        """
+        warnings = check_scan(image, self.spec, self.checks)
+        while True:
+            try:
+                result = self._segment(image, progress, cancel)
+                break
+            except torch.cuda.OutOfMemoryError:
+                note = self._fall_back_after_out_of_memory()
+                if note is None:
+                    raise
+                log.warning(note)
+                warnings.append(note)
+        result.warnings = warnings + result.warnings
+        return result
+
+    def _fall_back_after_out_of_memory(self) -> Optional[str]:
+        """Take the next step down after CUDA ran out of memory; the step's message, or None if none is left."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.empty_cache()
+        slice_batches = any(len(m.patch_size_zyx) == 2 for m in self.members) and self.settings.slice_batch_size > 1
+        if self.settings.sw_batch_size > 1 or slice_batches:
+            self.settings = dataclasses.replace(self.settings, sw_batch_size=1, slice_batch_size=1)
+            return "CUDA ran out of memory; retrying with one window per batch (slower)."
+        self._to_cpu()
+        return "CUDA ran out of memory; this scan was segmented on the CPU (slower)."
 
     def _segment(self, image: sitk.Image, progress: StageProgress, cancel) -> SegmentationResult:
         def report(stage):
@@ -164,7 +190,7 @@ class Segmenter:
 
                 member_probs.append(predict_softmax(net, crop, member.patch_size_zyx, self.device, self.settings,
                                                     cancel, member_progress))
-            fused = fuse_mean(member_probs, [m.weight for m in self.members])
+            fused = FUSERS[seg.fusion](member_probs, [m.weight for m in self.members])
             per_crop_agreement.append(agreement(member_probs, fused))
             mapped = resample_channels_to_reference(fused, grid, image)
             if mapped is None:
@@ -179,9 +205,12 @@ class Segmenter:
         if progress:
             progress("postprocess", 0.0)
         # Where no crop reaches, the scan is background; where crops overlap, average them.
-        fg = prob_sum[1:] / np.maximum(coverage, 1e-6)
-        bg = 1.0 - fg.sum(0)
-        labels = np.where(coverage > 0.5, np.concatenate([bg[None], fg]).argmax(0), 0).astype(np.uint8)
+        # In place: at the input grid's size these arrays dominate memory (checks.estimate_peak_bytes).
+        prob_sum[1:] /= np.maximum(coverage, 1e-6)
+        prob_sum[0] = 1.0 - prob_sum[1:].sum(0)
+        labels = _argmax_over_classes(prob_sum)
+        labels[coverage <= 0.5] = 0
+        del prob_sum, coverage
         labels = postprocess_labels(labels, image, ears, self.spec.postprocess)
         label_image = labels_to_image(labels, image)
         timings["postprocess"] = time.perf_counter() - t2
@@ -207,3 +236,16 @@ class Segmenter:
             timings_s=timings,
             warnings=list(ears.warnings),
         )
+
+
+def _argmax_over_classes(probs: np.ndarray) -> np.ndarray:
+    """``probs.argmax(0).astype(uint8)`` for (C, z, y, x) float maps, without argmax's transposed copy
+    (C × 4 bytes a voxel) and int64 result (8): ties go to the lower class, as with argmax. Overwrites
+    ``probs[0]`` with the running maximum."""
+    labels = np.zeros(probs.shape[1:], np.uint8)
+    best = probs[0]
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        np.maximum(best, probs[c], out=best)
+    return labels

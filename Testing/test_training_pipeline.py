@@ -1,0 +1,453 @@
+"""The domain-adaptation training pipeline (issue 4, part B): cleanlab fusion, pseudo-labels, Mean Teacher,
+DDP, the staged pipeline end to end on tiny phantoms (with a fake translator), resume, and the benchmark.
+
+The translator is replaced by a fake that inverts intensities (``1.2 - volume``): what these tests check is
+the orchestration — every stage runs, resumes, refuses mixed configs and exports a model folder the engine
+loads — not the translation (``test_translation*.py``) or the accuracy (``training.benchmark``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from VSCochleaSegLib.fusion import find_label_issues_confident_learning, fuse_cleanlab
+from VSCochleaSegLib.localise import EarLocations
+
+TINY_NET3 = {"dims": 3, "in_channels": 1, "out_channels": 3, "filters": [4, 8, 8],
+             "kernel_size": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]]}
+TINY_NET2 = {"dims": 2, "in_channels": 1, "out_channels": 3, "filters": [4, 8, 8],
+             "kernel_size": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]]}
+SMALL_ACQUISITION = {"size_xy": 128, "spacing_xy_mm": 1.4, "spacing_z_mm": 2.0, "n_slices": 30}
+
+
+def tiny_config() -> dict:
+    """phantom-cpu shrunk to a few iterations of tiny networks on 1×1×2 mm crops."""
+    from training.pipeline import load_config
+
+    cfg = load_config("phantom-cpu")
+    tiny_train = {"iterations": 2, "batch_size": 2, "checkpoint_every": 1, "optimizer": "adamw", "learning_rate": 0.001}
+    cfg.update({
+        "workers": 1, "threads": 1,
+        "crop": {"size_xyz_mm": [24.0, 24.0, 16.0], "medial_offset_mm": 4.0, "mirror_right": True},
+        "segmentation_spacing_xyz_mm": [1.0, 1.0, 2.0],
+        "data": {"jitters": 1, "jitter_mm": 1.0, "folds": 2, "select_folds": 1},
+        "localiser": {"spacing_xyz_mm": [4.0, 4.0, 4.0],
+                      "train": {"network": TINY_NET3, "patch_size_zyx": [16, 32, 32], **tiny_train, "seed": 1}},
+        "members": [
+            {"name": "seg3d", "train": {"network": TINY_NET3, "patch_size_zyx": [8, 24, 24], **tiny_train, "seed": 2}},
+            {"name": "seg2d", "train": {"network": TINY_NET2, "patch_size_zyx": [24, 24], **tiny_train, "seed": 3}},
+        ],
+        "pseudo_labels": {"min_voxel_confidence": 0.0, "min_case_confidence": 0.0, "keep_fraction": 1.0},
+    })
+    cfg["variants"]["method_b"]["self_training"]["mean_teacher"]["rampup_iterations"] = 1
+    return cfg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread (and a busy machine makes two threads 100× slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class InvertingTranslator:
+    snapshots = [1, 2]
+
+    def translate_volume(self, volume_zyx, snapshot=None):
+        gain = 1.0 if snapshot in (None, 2) else 0.9
+        return np.clip(gain * (1.2 - np.asarray(volume_zyx, np.float32)), 0, 1.5)
+
+
+class FakeBackend:
+    """Counts trainings; ``fail`` makes any training an error (for "finished stages are not redone")."""
+
+    def __init__(self, fail: bool = False):
+        self.trained, self.fail = [], fail
+
+    def train(self, source_images, source_labels, target_images, cfg, out_dir, progress=True):
+        assert self.fail is False, "a finished translation stage was trained again"
+        assert len(source_images) == len(source_labels) and target_images
+        self.trained.append(cfg["model"])
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return InvertingTranslator()
+
+
+def _ears_at_fixed_offsets(image, net, spec, scale, device, *args, **kwargs):
+    """Stand-in for the localiser (a 2-iteration network finds nothing): ears 30 mm either side of the
+    image centre. The stage's use of the ears is what is tested, not the localiser's accuracy."""
+    size = np.array(image.GetSize())
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    left, right = centre + [30.0, 0, 0], centre - [30.0, 0, 0]
+    return EarLocations({"left": left, "right": right}, centre, np.array([1.0, 0, 0]))
+
+
+@pytest.fixture(scope="module")
+def uda_data(tmp_path_factory):
+    """2 labelled ceT1 + 2 unlabelled hrT2 tiny phantoms in CrossMoDA layout (different subjects)."""
+    from VSCochleaSegLib.phantoms import make_case, write_case
+
+    d = tmp_path_factory.mktemp("uda_data")
+    for i in range(2):
+        write_case(make_case(77001, i, ("ceT1",), "ceT1", f"src_{i}", acquisition=SMALL_ACQUISITION), d)
+        case = make_case(77002, i, ("hrT2",), "hrT2", f"tgt_{i}", acquisition=SMALL_ACQUISITION)
+        write_case(case, d)
+        (d / f"tgt_{i}_Label.nii.gz").unlink()
+    return d
+
+
+@pytest.fixture(scope="module")
+def method_a_run(uda_data, tmp_path_factory):
+    from training import pipeline
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "localise_ears", _ears_at_fixed_offsets)
+    out = tmp_path_factory.mktemp("run_a")
+    backend = FakeBackend()
+    model = pipeline.run_pipeline(uda_data, out, tiny_config(), backend=backend, progress=False)
+    yield out, model, backend
+    mp.undo()
+
+
+# ------------------------------------------------------------------------------------------ fusion
+
+def test_confident_learning_flags_voxels_another_model_confidently_assigns_elsewhere():
+    labels = np.array([0, 0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.3, 0.7], [0.1, 0.9]])
+    # thresholds: class 0 = mean(0.9, 0.8, 0.2) = 0.633; class 1 = mean(0.7, 0.9) = 0.8
+    assert find_label_issues_confident_learning(labels, probs).tolist() == [False, False, True, False, False]
+
+
+def test_confident_learning_never_moves_voxels_into_a_class_nobody_labelled():
+    labels = np.array([0, 0, 0])
+    probs = np.array([[0.1, 0.9, 0.0], [0.9, 0.1, 0.0], [0.9, 0.1, 0.0]])
+    assert not find_label_issues_confident_learning(labels, probs).any()
+
+
+def test_cleanlab_fusion_flips_flagged_voxels_to_the_next_members_argmax():
+    first = np.zeros((2, 1, 1, 5), np.float32)
+    first[0] = 1.0  # member 0 says background everywhere but the last voxel
+    first[:, 0, 0, 4] = [0.0, 1.0]
+    # member 1's thresholds: background mean(0.9, 0.8, 0.2, 0.3) = 0.55, VS 0.7 (the one voxel member 0 calls VS)
+    second = np.array([[0.9, 0.8, 0.2, 0.3, 0.3], [0.1, 0.2, 0.8, 0.7, 0.7]], np.float32).reshape(2, 1, 1, 5)
+    fused = fuse_cleanlab([first, second], use_cleanlab=False)
+    assert fused.shape == first.shape
+    assert fused.argmax(0).ravel().tolist() == [0, 0, 1, 1, 1]
+    assert set(np.unique(fused)) == {0.0, 1.0}
+
+
+def test_cleanlab_fusion_of_agreeing_members_is_their_common_argmax():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    assert np.array_equal(fuse_cleanlab([p, p, p]).argmax(0), p.argmax(0))
+
+
+def test_cleanlab_fusion_uses_cleanlab_when_installed_with_the_same_result():
+    pytest.importorskip("cleanlab")
+    rng = np.random.default_rng(1)
+    a = rng.dirichlet([1, 1, 1], size=(3, 8, 8)).transpose(3, 0, 1, 2).astype(np.float32)
+    b = rng.dirichlet([1, 1, 1], size=(3, 8, 8)).transpose(3, 0, 1, 2).astype(np.float32)
+    assert np.array_equal(fuse_cleanlab([a, b]), fuse_cleanlab([a, b], use_cleanlab=False))
+
+
+def test_segmenter_fuses_with_cleanlab_when_the_model_folder_says_so(tmp_path, hrt2_phantom, monkeypatch):
+    from conftest import tiny_model_spec_dict, write_tiny_model  # noqa: F401
+    from VSCochleaSegLib import fusion, pipeline
+    from VSCochleaSegLib.model_folder import ModelSpec, load_model_folder, write_model_folder
+
+    folder = write_tiny_model(tmp_path / "mean")
+    spec = folder.spec.to_dict()
+    spec["segmentation"]["fusion"] = "cleanlab"
+    states = {k: folder.load_weights(k) for k in folder.spec.weight_entries()}
+    write_model_folder(tmp_path / "cleanlab", ModelSpec.from_dict(spec), states)
+    calls = []
+    monkeypatch.setitem(fusion.FUSERS, "cleanlab", lambda p, w: calls.append(len(p)) or fusion.fuse_cleanlab(p, w))
+    img = hrt2_phantom.images["hrT2"]
+    size = np.array(img.GetSize())
+    lo = (size * np.array([0.15, 0.15, 0.0])).astype(int)
+    small = sitk.RegionOfInterest(img, [int(v) for v in size - 2 * lo], [int(v) for v in lo])
+    result = pipeline.Segmenter(load_model_folder(tmp_path / "cleanlab"), device="cpu").segment_image(small)
+    assert calls == [2, 2]  # both ears, two members each
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------ pseudo-labels
+
+def test_pseudo_label_drops_unconfident_voxels_and_stray_components():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+
+    probs = np.zeros((3, 4, 10, 10), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:3, 2:6, 2:6] = np.array([0.05, 0.95, 0.0])[:, None, None, None]  # VS block, 32 voxels
+    probs[:, 1, 8, 8] = [0.1, 0.9, 0.0]  # a stray VS voxel
+    probs[:, 0, 0, 0] = [0.45, 0.0, 0.55]  # an unconfident cochlea voxel
+    labels, conf = pseudo_label(probs, PseudoLabelConfig(min_voxel_confidence=0.6, min_vs_voxels=10))
+    assert (labels == 1).sum() == 32 and labels[1, 8, 8] == 0 and labels[0, 0, 0] == 0
+    assert conf == pytest.approx(0.95)
+
+
+def test_pseudo_label_crops_are_selected_by_case_confidence():
+    from training.pseudo_labels import PseudoLabelConfig, select_confident
+
+    cfg = PseudoLabelConfig(min_case_confidence=0.5, keep_fraction=0.5)
+    assert select_confident([0.9, 0.4, 0.8, 0.95], cfg) == [0, 3]
+
+
+# ------------------------------------------------------------------------------------------ Mean Teacher
+
+def test_ema_update_moves_the_teacher_towards_the_student():
+    from training.mean_teacher import ema_update
+
+    teacher, student = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(3.0)
+    ema_update(teacher, student, 0.75)
+    assert float(teacher.weight) == pytest.approx(1.5)
+
+
+def test_consistency_weight_ramps_up_to_its_full_value():
+    from training.mean_teacher import MeanTeacherConfig, consistency_weight
+
+    mt = MeanTeacherConfig(consistency_weight=2.0, rampup_iterations=100)
+    assert consistency_weight(0, mt) == pytest.approx(2.0 * np.exp(-5))
+    assert consistency_weight(50, mt) < consistency_weight(90, mt) < consistency_weight(100, mt) == 2.0
+
+
+def _tiny_arrays(n=2, shape=(8, 24, 24), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        lab = np.zeros(shape, np.uint8)
+        lab[2:6, 8:14, 8:14] = 1
+        lab[3:5, 16:19, 16:19] = 2
+        out.append(((rng.random(shape) * 0.2 + 0.3 * lab).astype(np.float16), lab))
+    return out
+
+
+def test_mean_teacher_trains_resumes_from_its_checkpoint_and_exports_the_teacher(tmp_path):
+    from training.mean_teacher import MeanTeacherConfig, train_mean_teacher
+    from training.segmentation import TrainConfig
+    from VSCochleaSegLib.networks import build_network, load_inference_state_dict
+    from VSCochleaSegLib.model_folder import NetworkSpec
+
+    arrays = _tiny_arrays()
+    unlabelled = [a for a, _ in _tiny_arrays(seed=1)]
+    mt = MeanTeacherConfig(rampup_iterations=2)
+    cfg = TrainConfig(network=TINY_NET3, patch_size_zyx=[8, 24, 24], iterations=2, checkpoint_every=1, optimizer="adamw",
+                      threads=1)
+    train_mean_teacher(arrays, unlabelled, cfg, mt, tmp_path, "mt", progress=False)
+    assert torch.load(tmp_path / "mt_checkpoint.pt", weights_only=True)["iteration"] == 2
+    cfg.iterations = 4
+    sd = train_mean_teacher(arrays, unlabelled, cfg, mt, tmp_path, "mt", progress=False)
+    assert torch.load(tmp_path / "mt_checkpoint.pt", weights_only=True)["iteration"] == 4
+    log = (tmp_path / "mt_log.csv").read_text(encoding="utf-8").splitlines()
+    assert log[0].startswith("iteration,supervised_loss,consistency_loss") and log[-1].startswith("4,")
+    load_inference_state_dict(build_network(NetworkSpec.from_dict(TINY_NET3)), sd)
+
+
+# ------------------------------------------------------------------------------------------ DDP
+
+def test_training_runs_under_distributed_data_parallel_single_process_gloo(tmp_path):
+    import torch.distributed as dist
+
+    from training import distributed
+    from training.segmentation import TrainConfig, train_network
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        assert isinstance(distributed.wrap(torch.nn.Linear(1, 1)), torch.nn.parallel.DistributedDataParallel)
+        cfg = TrainConfig(network=TINY_NET2, patch_size_zyx=[24, 24], iterations=2, optimizer="adamw", threads=1)
+        sd = train_network(_tiny_arrays(), cfg, tmp_path, "ddp", progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert not any(k.startswith("module.") for k in sd)
+    assert (tmp_path / "ddp_checkpoint.pt").exists()
+
+
+def test_without_torchrun_networks_are_not_wrapped():
+    from training import distributed
+
+    net = torch.nn.Linear(1, 1)
+    assert distributed.wrap(net) is net and distributed.is_main()
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+def test_pipeline_runs_every_stage_and_exports_an_engine_model_without_hrt2_labels(method_a_run):
+    from VSCochleaSegLib.model_folder import load_model_folder
+
+    out, model, backend = method_a_run
+    assert backend.trained == ["cyclegan_seg", "cyclegan_seg"]  # localiser scale, then ear crops
+    stages = [line.split(",")[0] for line in (out / "stages.csv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert stages == ["prepare", "translate_localiser", "localiser", "target_crops", "translate_crops", "segment",
+                      "pseudo_labels", "self_train"]
+    folder = load_model_folder(model)
+    assert folder.spec.provenance["hrT2_labels_used"] is False
+    assert folder.spec.provenance["config"]["name"] == "phantom-uda"
+    assert folder.spec.segmentation.fusion == "mean"
+    names = [m.name for m in folder.spec.segmentation.members]  # the better of two folds per member
+    assert len(names) == 2 and names[0][:-1] == "seg3d_f" and names[1][:-1] == "seg2d_f"
+    assert load_model_folder(out / "model_translation_only").spec.provenance["stage"] == "segment"
+
+
+def test_pipeline_fakes_every_snapshot_and_adds_tumour_augmented_copies(method_a_run):
+    out, _, _ = method_a_run
+    info = json.loads((out / "translate_crops" / "done.json").read_text(encoding="utf-8"))["info"]
+    assert info["snapshots"] == [1, 2]
+    with np.load(sorted((out / "translate_crops" / "fake").glob("*.npz"))[0]) as z:
+        assert len(z["images"]) >= 2 * 2  # 2 ears × 1 jitter × 2 snapshots (+ augmented copies)
+
+
+def test_pseudo_labels_cover_every_located_real_hrt2_ear(method_a_run):
+    out, _, _ = method_a_run
+    rows = (out / "pseudo_labels" / "pseudo_labels.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("case,crop,confidence") and len(rows) == 1 + 2 * 2
+
+
+def test_pipeline_rerun_skips_finished_stages(method_a_run, uda_data, monkeypatch):
+    from training import pipeline
+
+    out, model, _ = method_a_run
+    monkeypatch.setattr(pipeline, "train_network", lambda *a, **k: pytest.fail("a finished network was retrained"))
+    assert pipeline.run_pipeline(uda_data, out, tiny_config(), backend=FakeBackend(fail=True), progress=False) == model
+
+
+def test_pipeline_refuses_to_mix_a_finished_stage_with_a_changed_config(method_a_run, uda_data):
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    cfg = tiny_config()
+    cfg["members"][0]["train"]["iterations"] = 3
+    with pytest.raises(RuntimeError, match="different config"):
+        pipeline.run_pipeline(uda_data, out, cfg, backend=FakeBackend(fail=True), progress=False)
+
+
+def test_a_killed_network_resumes_from_its_checkpoint(method_a_run, uda_data, tmp_path, monkeypatch):
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    run_b = tmp_path / "resume"
+    run_b.mkdir()
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops", "translate_crops"):
+        os.symlink(out / stage, run_b / stage)
+    cfg = tiny_config()
+    cfg["data"]["folds"] = 1
+    seen = []
+    real = pipeline.train_network
+
+    def interrupted(arrays, tcfg, d, name, **kw):
+        if not seen:  # first network: stop after one of two iterations, as a kill would
+            seen.append(name)
+            real(arrays, type(tcfg)(**{**tcfg.__dict__, "iterations": 1}), d, name, **kw)
+            raise KeyboardInterrupt
+        seen.append(name)
+        return real(arrays, tcfg, d, name, **kw)
+
+    monkeypatch.setattr(pipeline, "train_network", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(uda_data, run_b, cfg, backend=FakeBackend(fail=True), progress=False, until="segment")
+    assert torch.load(run_b / "segment" / "seg3d_checkpoint.pt", weights_only=True)["iteration"] == 1
+    pipeline.run_pipeline(uda_data, run_b, cfg, backend=FakeBackend(fail=True), progress=False, until="segment")
+    log = (run_b / "segment" / "seg3d_log.csv").read_text(encoding="utf-8").splitlines()
+    assert torch.load(run_b / "segment" / "seg3d_checkpoint.pt", weights_only=True)["iteration"] == 2
+    assert log[0].startswith("iteration")
+
+
+def test_method_b_variant_trains_mean_teachers_and_fuses_with_cleanlab(method_a_run, uda_data, tmp_path):
+    from training import pipeline
+    from VSCochleaSegLib.model_folder import load_model_folder
+
+    out, _, _ = method_a_run
+    run_b = tmp_path / "method_b"
+    run_b.mkdir()
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops"):
+        os.symlink(out / stage, run_b / stage)
+    cfg = pipeline.deep_update(tiny_config(), tiny_config()["variants"]["method_b"])
+    cfg["data"]["folds"] = 1
+    backend = FakeBackend()
+    model = pipeline.run_pipeline(uda_data, run_b, cfg, backend=backend, progress=False)
+    assert backend.trained == ["cut"]  # the shared localiser-scale translation was not redone
+    folder = load_model_folder(model)
+    assert folder.spec.segmentation.fusion == "cleanlab"
+    assert (run_b / "self_train" / "seg3d_log.csv").read_text(encoding="utf-8").startswith("iteration,supervised_loss,consistency")
+    assert not (run_b / "segment").exists()
+
+
+def test_fake_images_are_air_outside_the_source_head():
+    from training.pipeline import translate_in_head
+
+    source = np.zeros((2, 20, 20), np.float32)
+    source[:, 5:15, 5:15] = 0.5
+    source[:, 9:11, 9:11] = 0.0  # dark bone inside the head stays part of the head
+    fake = translate_in_head(InvertingTranslator(), source, None)
+    assert fake[0, 0, 0] == 0.0 and fake[0, 10, 10] == pytest.approx(1.2)
+
+
+def test_random_contrast_keeps_air_dark_and_changes_the_head():
+    from training.pipeline import random_contrast
+
+    vol = np.zeros((2, 20, 20), np.float32)
+    vol[:, 5:15, 5:15] = np.linspace(0.1, 1.4, 100).reshape(10, 10)
+    out = random_contrast(vol, np.random.default_rng(0)).astype(np.float32)
+    assert out[0, 0, 0] == 0.0 and not np.allclose(out[:, 5:15, 5:15], vol[:, 5:15, 5:15], atol=0.05)
+
+
+def test_a_stage_run_before_an_optional_setting_existed_is_still_accepted():
+    from training.pipeline import stage_fingerprint
+
+    cfg = tiny_config()
+    assert "localiser.random_contrast_copies" not in stage_fingerprint(cfg, "localiser")
+    cfg["localiser"]["random_contrast_copies"] = 2
+    assert stage_fingerprint(cfg, "localiser")["localiser.random_contrast_copies"] == 2
+
+
+def test_configs_name_every_stage_setting_and_parse(tmp_path):
+    from training.pipeline import load_config, model_spec
+    from training.translation import TranslationConfig
+
+    for name in ("phantom-cpu", "crossmoda"):
+        for variant in (None, "method_b"):
+            cfg = load_config(name, variant)
+            for scale in ("localiser", "crops"):
+                TranslationConfig.from_dict(cfg["translation"][scale])
+            members = [{"name": m["name"], "train": m["train"], "weight": 1.0} for m in cfg["members"]]
+            assert model_spec(cfg, members, cfg["fusion"], {"hrT2_labels_used": False}).segmentation.fusion == cfg["fusion"]
+    with pytest.raises(KeyError):
+        load_config("phantom-cpu", "no_such_variant")
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+def test_benchmark_scores_every_variant_and_writes_json_table_and_plot(tmp_path, monkeypatch):
+    from training import benchmark, pipeline
+
+    monkeypatch.setattr(pipeline, "localise_ears", _ears_at_fixed_offsets)
+    cfg = tiny_config()
+    cfg["data"]["folds"] = 1
+    cfg["benchmark"].update({"n_source": 2, "n_target": 2, "n_test": 1, "acquisition": SMALL_ACQUISITION})
+    result = benchmark.run_benchmark(tmp_path / "docs", tmp_path / "work", cfg, backend=FakeBackend(), progress=False)
+    written = json.loads((tmp_path / "docs" / "phantom_uda.json").read_text(encoding="utf-8"))
+    assert set(written["variants"]) == set(benchmark.VARIANTS) == set(result["variants"])
+    for scores in written["variants"].values():
+        assert {"VS_Dice", "VS_ASSD", "Cochlea_Dice", "Cochlea_ASSD", "n_test", "train_minutes"} <= set(scores)
+        assert scores["n_test"] == 1
+    assert "| full_pipeline |" in (tmp_path / "docs" / "phantom_uda.md").read_text(encoding="utf-8")
+    assert (tmp_path / "docs" / "phantom_uda.png").read_bytes()[:4] == b"\x89PNG"
+    model = json.loads((tmp_path / "work" / "model" / "model.json").read_text(encoding="utf-8"))
+    assert model["provenance"]["hrT2_labels_used"] is False and "full_pipeline" in model["provenance"]["benchmark"]
+    test_ids = {p.name for p in (tmp_path / "work" / "data" / "test").iterdir()}
+    train_ids = {p.name for p in (tmp_path / "work" / "data" / "uda").iterdir()}
+    assert not test_ids & train_ids

@@ -1,0 +1,69 @@
+"""Tumour intensity augmentation of translated images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
+
+from training.translation.augment import augment_tumour_intensity  # noqa: E402
+
+
+def scene():
+    """A uniform 0.6 volume with a 10-voxel VS cube and a small cochlea far from it."""
+    image = np.full((16, 32, 32), 0.6, np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[3:13, 5:15, 5:15] = 1
+    labels[7:9, 25:27, 25:27] = 2
+    return image, labels
+
+
+def test_darkening_scales_the_tumour_core_by_the_factor():
+    image, labels = scene()
+    out = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(0.5, 0.5))
+    assert np.allclose(out[8, 10, 10], 0.3, atol=1e-3)
+
+
+def test_brightening_is_possible_too():
+    image, labels = scene()
+    out = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(1.5, 1.5))
+    assert np.allclose(out[8, 10, 10], 0.9, atol=1e-3)
+
+
+def test_voxels_far_from_the_tumour_and_the_cochlea_are_unchanged():
+    image, labels = scene()
+    out = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(0.5, 0.5))
+    assert np.array_equal(out[:, 20:, :], image[:, 20:, :])
+
+
+def test_the_edge_is_smooth_not_a_step():
+    image, labels = scene()
+    out = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(0.5, 0.5), sigma_voxels=1.0)
+    profile = out[8, 10, 10:20]  # from the core across the boundary at x = 15
+    assert np.all(np.diff(profile) >= -1e-6)  # rises monotonically back to 0.6
+    between = (profile > 0.31) & (profile < 0.59)
+    assert between.sum() >= 2  # at least two intermediate voxels around the boundary
+    assert 0.3 < out[8, 10, 14] < 0.6 and 0.3 < out[8, 10, 15] < 0.6
+
+
+def test_factor_is_drawn_from_the_range():
+    image, labels = scene()
+    rng = np.random.default_rng(1)
+    factors = [augment_tumour_intensity(image, labels, rng)[8, 10, 10] / 0.6 for _ in range(40)]
+    assert 0.5 <= min(factors) < 0.7 and 1.3 < max(factors) <= 1.5
+
+
+def test_scan_without_tumour_is_returned_unchanged():
+    image, labels = scene()
+    labels[labels == 1] = 0
+    out = augment_tumour_intensity(image, labels, np.random.default_rng(0))
+    assert np.array_equal(out, image) and out is not image
+
+
+def test_probability_zero_never_applies():
+    image, labels = scene()
+    out = augment_tumour_intensity(image, labels, np.random.default_rng(0), probability=0.0)
+    assert np.array_equal(out, image)

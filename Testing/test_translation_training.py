@@ -1,0 +1,194 @@
+"""Training the translators end to end on tiny volumes: every model runs, its translator behaves, runs resume.
+
+The data are made here: 16×32×32 "ceT1" volumes with a bright tumour block and a small cochlea, and
+"hrT2" volumes with different contrast. A few iterations with a few filters; nothing is expected to be
+learnt, only the mechanics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
+
+from training.translation import TranslationConfig, Translator, train_translation  # noqa: E402
+from training.translation.train import CHECKPOINT  # noqa: E402
+
+SHAPE = (16, 32, 32)
+
+
+def make_volumes(seed: int, n: int = 2):
+    rng = np.random.default_rng(seed)
+    cet1, labels, hrt2 = [], [], []
+    for _ in range(n):
+        lab = np.zeros(SHAPE, np.uint8)
+        z, y, x = rng.integers(3, 6), rng.integers(6, 12), rng.integers(6, 12)
+        lab[z:z + 6, y:y + 8, x:x + 8] = 1
+        lab[7:9, 22:25, 20:23] = 2
+        img = 0.3 + 0.05 * rng.standard_normal(SHAPE)
+        img[lab == 1], img[lab == 2] = 1.2, 0.1  # tumour enhances, cochlea dark on ceT1
+        cet1.append(np.clip(img, 0, 1.5).astype(np.float32))
+        labels.append(lab)
+        t2 = 0.2 + 0.05 * rng.standard_normal(SHAPE)
+        t2[lab == 2] = 1.4  # fluid-filled cochlea bright on hrT2
+        hrt2.append(np.clip(t2, 0, 1.5).astype(np.float32))
+    return cet1, labels, hrt2
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_volumes(0)
+
+
+def tiny_config(model: str, dims: int = 2, **overrides) -> TranslationConfig:
+    base = dict(model=model, dims=dims, image_size=(32, 32) if dims == 2 else SHAPE, iterations=3, batch_size=2,
+                base_filters=4, disc_filters=4, disc_layers=2, seg_warmup_iterations=1, pretrain_iterations=1,
+                nce_patches=16, nce_dim=16, log_every=1, threads=2, save_at=[1])
+    base.update(overrides)
+    return TranslationConfig(**base)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One finished tiny run per model (module-scoped: each is trained once)."""
+    cet1, labels, hrt2 = data
+    runs = {}
+    for key, model, dims in [("cyclegan_seg", "cyclegan_seg", 2), ("cut", "cut", 2), ("cutseg", "cutseg", 2),
+                             ("cyclegan_seg_3d", "cyclegan_seg", 3)]:
+        out = tmp_path_factory.mktemp(key)
+        runs[key] = (out, train_translation(cet1, labels, hrt2, tiny_config(model, dims), out, progress=False))
+    return runs
+
+
+RUNS = ["cyclegan_seg", "cut", "cutseg", "cyclegan_seg_3d"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_model_trains_with_finite_losses_logged_each_iteration(trained, run):
+    rows = read_log(trained[run][0])
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(float(v)) for r in rows for k, v in r.items())
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_translation_keeps_the_shape_and_lands_in_the_target_range(trained, data, run):
+    translator = trained[run][1]
+    cet1, _, hrt2 = data
+    fake = translator.translate_volume(cet1[0])
+    lo, hi = translator.meta["target_range"]
+    assert fake.shape == SHAPE and fake.dtype == np.float32
+    assert lo - 1e-6 <= fake.min() and fake.max() <= hi + 1e-6
+    assert lo == pytest.approx(np.median([v.min() for v in hrt2])) and hi == pytest.approx(np.median([v.max() for v in hrt2]))
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_snapshots_are_the_save_at_iterations_and_the_last(trained, run):
+    assert trained[run][1].snapshots == [1, 3]
+
+
+def test_snapshots_translate_differently(trained, data):
+    translator = trained["cyclegan_seg"][1]
+    first, last = (translator.translate_volume(data[0][0], s) for s in translator.snapshots)
+    assert not np.allclose(first, last)
+
+
+def test_unknown_snapshot_is_refused(trained, data):
+    with pytest.raises(KeyError):
+        trained["cut"][1].translate_volume(data[0][0], snapshot=2)
+
+
+@pytest.mark.parametrize("run", ["cyclegan_seg", "cutseg", "cyclegan_seg_3d"])
+def test_built_in_segmenter_labels_a_real_target_volume(trained, data, run):
+    labels = trained[run][1].segment_volume(data[2][0])
+    assert labels.shape == SHAPE and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_plain_cut_has_no_segmenter(trained, data):
+    assert trained["cut"][1].segment_volume(data[2][0]) is None
+
+
+def test_segmenter_handles_slices_that_are_not_multiples_of_its_stride(trained, data):
+    odd = data[2][0][:, :30, :27]
+    assert trained["cutseg"][1].segment_volume(odd).shape == odd.shape
+    assert trained["cutseg"][1].translate_volume(odd).shape == odd.shape
+
+
+def test_fake_target_segmentation_loss_starts_after_the_warm_up(trained):
+    rows = read_log(trained["cyclegan_seg"][0])  # seg_warmup_iterations = 1: iteration 1 is warm-up
+    assert float(rows[0]["seg_fake_B"]) == 0.0 and float(rows[1]["seg_fake_B"]) > 0.0
+    assert all(float(r["seg_real_A"]) > 0.0 for r in rows)
+
+
+def test_cutseg_segmentation_joins_after_cut_pretraining(trained):
+    rows = read_log(trained["cutseg"][0])  # pretrain_iterations = 1
+    assert float(rows[0]["seg"]) == 0.0 and float(rows[1]["seg"]) > 0.0
+
+
+@pytest.mark.parametrize("run", ["cyclegan_seg", "cutseg"])
+def test_saved_translator_reloads_and_translates_identically(trained, data, run, tmp_path):
+    out_dir, translator = trained[run]
+    again = Translator.load(out_dir)
+    assert again.snapshots == translator.snapshots
+    assert np.array_equal(again.translate_volume(data[0][1]), translator.translate_volume(data[0][1]))
+    assert np.array_equal(again.segment_volume(data[2][1]), translator.segment_volume(data[2][1]))
+    copy = Translator.load(translator.save(tmp_path / "copy"))
+    assert np.array_equal(copy.translate_volume(data[0][1], 1), translator.translate_volume(data[0][1], 1))
+
+
+def test_finished_run_is_loaded_not_retrained(trained, data):
+    out_dir, translator = trained["cut"]
+    stamp = (out_dir / CHECKPOINT).stat().st_mtime_ns
+    again = train_translation(*data, tiny_config("cut"), out_dir, progress=False)
+    assert (out_dir / CHECKPOINT).stat().st_mtime_ns == stamp
+    assert again.snapshots == translator.snapshots
+
+
+def test_resumed_run_continues_from_its_checkpoint_and_matches_an_uninterrupted_one(data, tmp_path):
+    cfg = tiny_config("cyclegan_seg", iterations=4, save_at=[2], precision="fp32")
+    straight = train_translation(*data, cfg, tmp_path / "straight", progress=False)
+
+    resumed_dir = tmp_path / "resumed"
+    first_half = tiny_config("cyclegan_seg", iterations=2, save_at=[2], precision="fp32")
+    train_translation(*data, first_half, resumed_dir, progress=False)
+    assert torch.load(resumed_dir / CHECKPOINT, weights_only=True)["iteration"] == 2
+    resumed = train_translation(*data, cfg, resumed_dir, progress=False)
+
+    assert [int(r["iteration"]) for r in read_log(resumed_dir)] == [1, 2, 3, 4]
+    assert torch.load(resumed_dir / CHECKPOINT, weights_only=True)["iteration"] == 4
+    assert resumed.snapshots == straight.snapshots == [2, 4]
+    for it in (2, 4):
+        assert np.allclose(resumed.translate_volume(data[0][0], it), straight.translate_volume(data[0][0], it), atol=1e-5)
+
+
+def test_checkpoint_past_the_configured_iterations_is_refused(data, trained):
+    with pytest.raises(ValueError, match="past"):
+        train_translation(*data, tiny_config("cut", iterations=2), trained["cut"][0], progress=False)
+
+
+def test_config_round_trips_through_json_and_rejects_unknown_keys(tmp_path):
+    cfg = tiny_config("cutseg", dims=3)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert TranslationConfig.from_json(path) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        TranslationConfig.from_dict({"modle": "cut"})
+    with pytest.raises(ValueError):
+        TranslationConfig(model="cut", dims=3, image_size=(32, 32))
+
+
+def test_default_config_has_method_a_loss_weights():
+    cfg = TranslationConfig()
+    assert (cfg.weight_adv, cfg.weight_cycle, cfg.weight_identity, cfg.weight_seg) == (1.0, 10.0, 5.0, 100.0)
+    assert cfg.lr == 1e-4 and cfg.betas == (0.5, 0.999) and cfg.levels == 3 and cfg.nce_temperature == 0.07

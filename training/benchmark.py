@@ -1,0 +1,298 @@
+"""Phantom benchmark of unsupervised domain adaptation ceT1 → hrT2: does adaptation close the gap?
+
+    python -m training.benchmark --out docs/benchmark [--config phantom-cpu] [--work work/benchmark]
+
+Data (``vscochleaseg`` phantoms, seeds from the config's ``benchmark`` section, never reused elsewhere):
+ceT1 phantoms with labels (source), hrT2 phantoms of other subjects whose labels are set aside (target),
+and held-out hrT2 phantoms with labels from a third seed (test). Variants, each exported as a model
+folder and scored by the engine itself (``Segmenter`` + CrossMoDA Dice/ASSD; a scan where no ear is found
+scores as an empty prediction, as in the challenge):
+
+- ``no_adaptation``: the segmentation members trained on real ceT1 crops, applied to hrT2 (ears found by
+  the pipeline's localiser, as CrossMoDA's registration-based crops were found independently of the
+  segmenter);
+- ``translation_only``: the pipeline's stage-3 members (fake hrT2 only);
+- ``full_pipeline``: method a, stage-5 members (fake hrT2 + pseudo-labelled real hrT2);
+- ``method_b``: CUT translation + Mean Teacher + cleanlab fusion (the first stages — prepare, 2 mm
+  translation, localiser, real hrT2 crops — are the method-a run's, shared because they are identical);
+- ``oracle``: localiser and members trained on the target hrT2 phantoms *with* their labels.
+
+Writes ``phantom_uda.json`` ({"variants": {name: {VS_Dice, VS_ASSD, Cochlea_Dice, Cochlea_ASSD, n_test,
+train_minutes}}, "config": ...}), ``phantom_uda.md`` and ``phantom_uda.png`` into ``--out``, and
+re-exports the full pipeline's model folder with the figures in its provenance (``WORK/model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from safetensors.torch import load_file, save_file
+
+from VSCochleaSegLib.errors import InputError
+from VSCochleaSegLib.metrics import METRIC_NAMES, score_case
+from VSCochleaSegLib.model_folder import write_model_folder
+
+from . import pipeline
+from .segmentation import TrainConfig, train_network
+
+VARIANTS = ("no_adaptation", "translation_only", "full_pipeline", "method_b", "oracle")
+_STAGES_A = ["prepare", "translate_localiser", "localiser", "target_crops", "translate_crops"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+def _render(job):
+    from VSCochleaSegLib.phantoms import make_case, write_case
+
+    kwargs, folder, acquisition = job
+    if (Path(folder) / f"{kwargs['name']}_Label.nii.gz").exists():
+        return
+    write_case(make_case(**kwargs, acquisition=acquisition), Path(folder), overwrite=True)
+
+
+def make_data(work: Path, bench: dict, workers: int = 2, progress: bool = True) -> dict:
+    """``uda/`` (ceT1 + labels, hrT2 without), ``target_labels/`` (set aside, oracle only), ``oracle/``
+    (target hrT2 + labels, symlinks) and ``test/`` (held-out hrT2 + labels) under ``work/data``."""
+    from tqdm import tqdm
+
+    seeds = bench["seeds"]
+    d = {k: work / "data" / k for k in ("uda", "target_labels", "oracle", "test")}
+    for p in d.values():
+        p.mkdir(parents=True, exist_ok=True)
+    acq = bench.get("acquisition")
+    jobs = [(dict(seed=seeds["source_ceT1"], index=i, modalities=("ceT1",), stream="ceT1",
+                  name=f"src_ceT1_{seeds['source_ceT1']}_{i:03d}"), d["uda"], acq) for i in range(bench["n_source"])]
+    jobs += [(dict(seed=seeds["target_hrT2"], index=i, modalities=("hrT2",), stream="hrT2",
+                   name=f"tgt_hrT2_{seeds['target_hrT2']}_{i:03d}"), d["target_labels"], acq) for i in range(bench["n_target"])]
+    jobs += [(dict(seed=seeds["test_hrT2"], index=i, modalities=("hrT2",), stream="hrT2",
+                   name=f"test_hrT2_{seeds['test_hrT2']}_{i:03d}"), d["test"], acq) for i in range(bench["n_test"])]
+    with Pool(workers) as pool:
+        list(tqdm(pool.imap_unordered(_render, jobs), total=len(jobs), desc="phantoms", disable=not progress))
+    # Target hrT2 images go to the adaptation folder without labels; the oracle folder links both.
+    for img in sorted(d["target_labels"].glob("*_hrT2.nii.gz")):
+        case = img.name[: -len("_hrT2.nii.gz")]
+        for link, src in ((d["uda"] / img.name, img), (d["oracle"] / img.name, img),
+                          (d["oracle"] / f"{case}_Label.nii.gz", d["target_labels"] / f"{case}_Label.nii.gz")):
+            if not link.exists():
+                os.symlink(src.resolve(), link)
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants that are not a plain pipeline run
+# --------------------------------------------------------------------------------------------------
+
+def train_no_adaptation(run_a: pipeline.Run, out: Path, cfg: dict, progress: bool) -> tuple[Path, float]:
+    """Members trained on the real ceT1 crops of the method-a run; exported with its localiser."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    arrays = [c for _, a in pipeline._source_cases(run_a) for c in a["crops"]]
+    members = []
+    for m in cfg["members"]:
+        path = out / f"{m['name']}.safetensors"
+        if not path.exists():
+            sd = train_network(arrays, TrainConfig(**{**m["train"], "threads": cfg.get("threads")}), out, m["name"],
+                               progress=progress)
+            save_file(sd, str(path))
+        members.append({"name": m["name"], "train": m["train"], "weight": m.get("weight", 1.0), "path": path})
+    minutes = (time.time() - t0) / 60
+    spec = pipeline.model_spec(cfg, members, "mean", {"hrT2_labels_used": False, "method": "no_adaptation",
+                                                      "config": cfg})
+    states = {"localiser": load_file(str(run_a.out / "localiser" / "localiser.safetensors"))}
+    states.update({m["name"]: load_file(str(m["path"])) for m in members})
+    write_model_folder(out / "model", spec, states, overwrite=True)
+    return out / "model", minutes
+
+
+def train_oracle(data: Path, out: Path, cfg: dict) -> tuple[Path, float]:
+    """The same localiser and members, supervised on the target hrT2 phantoms with their labels."""
+    from .train_supervised import train_all
+
+    ocfg = {**cfg, "modality": "hrT2", "name": cfg["name"] + "-oracle",
+            "provenance": {**cfg.get("provenance", {}), "hrT2_labels_used": True, "method": "oracle"}}
+    ocfg["members"] = [{**m, "train": {**m["train"], "threads": cfg.get("threads")}} for m in cfg["members"]]
+    t0 = time.time()
+    model = train_all(data, out, ocfg, out / "model", overwrite=True)
+    minutes_file = out / "oracle_minutes.json"
+    if not minutes_file.exists():
+        minutes_file.write_text(json.dumps({"minutes": (time.time() - t0) / 60}))
+    return model, json.loads(minutes_file.read_text(encoding="utf-8"))["minutes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+
+def evaluate(model_dir: Path, test_dir: Path, threads: int = 2, progress: bool = True) -> dict:
+    """Mean and per-case CrossMoDA scores of a model folder on the labelled test scans."""
+    from tqdm import tqdm
+
+    from VSCochleaSegLib.pipeline import Segmenter
+
+    segmenter = Segmenter(str(model_dir), device="cpu", threads=threads)
+    cases, failures = {}, []
+    t0 = time.time()
+    for img_path in tqdm(sorted(test_dir.glob("*_hrT2.nii.gz")), desc=f"score {model_dir.parent.name}",
+                         disable=not progress):
+        case = img_path.name[: -len("_hrT2.nii.gz")]
+        image = sitk.ReadImage(str(img_path))
+        reference = sitk.ReadImage(str(test_dir / f"{case}_Label.nii.gz"))
+        try:
+            labels = segmenter.segment_image(image).labels
+        except InputError:  # no ear found: scored as an empty prediction, as CrossMoDA does
+            labels = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
+            labels.CopyInformation(reference)
+            failures.append(case)
+        cases[case] = score_case(labels, reference)
+    mean = {k: float(np.mean([c[k] for c in cases.values()])) for k in METRIC_NAMES}
+    return {"mean": mean, "cases": cases, "no_ear_found": failures, "seconds_per_scan": (time.time() - t0) / len(cases)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+def markdown_table(result: dict) -> str:
+    lines = ["| variant | VS Dice | VS ASSD (mm) | Cochlea Dice | Cochlea ASSD (mm) | n test | train min |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {v['VS_Dice']:.3f} | {v['VS_ASSD']:.2f} | {v['Cochlea_Dice']:.3f} | "
+                     f"{v['Cochlea_ASSD']:.2f} | {v['n_test']} | {v['train_minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def bar_plot(result: dict, path: Path) -> None:
+    """Grouped bars of VS and cochlea Dice per variant (Pillow; no plotting library needed)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = list(result["variants"])
+    w, h, left, bottom, top = 180 * len(names) + 120, 460, 70, 70, 50
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    plot_h = h - bottom - top
+    for tick in np.linspace(0, 1, 6):
+        y = h - bottom - tick * plot_h
+        draw.line([(left, y), (w - 20, y)], fill=(225, 225, 225))
+        draw.text((left - 35, y - 6), f"{tick:.1f}", fill="black", font=font)
+    colours = {"VS_Dice": (214, 96, 77), "Cochlea_Dice": (67, 147, 195)}
+    for i, name in enumerate(names):
+        x0 = left + 30 + i * 180
+        for j, (key, colour) in enumerate(colours.items()):
+            v = result["variants"][name][key]
+            xa = x0 + j * 60
+            draw.rectangle([xa, h - bottom - v * plot_h, xa + 50, h - bottom], fill=colour)
+            draw.text((xa + 8, h - bottom - v * plot_h - 14), f"{v:.2f}", fill="black", font=font)
+        draw.text((x0, h - bottom + 10), name, fill="black", font=font)
+    draw.line([(left, h - bottom), (w - 20, h - bottom)], fill="black")
+    draw.text((left, 15), "Phantom UDA benchmark: Dice on held-out hrT2 phantoms", fill="black", font=font)
+    for j, (key, colour) in enumerate(colours.items()):
+        draw.rectangle([w - 260 + j * 120, 14, w - 248 + j * 120, 26], fill=colour)
+        draw.text((w - 242 + j * 120, 14), key.replace("_", " "), fill="black", font=font)
+    img.save(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------
+
+def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=None, progress: bool = True) -> dict:
+    t_start = time.time()
+    cfg = pipeline.load_config(config) if isinstance(config, str) else config
+    bench = cfg["benchmark"]
+    out_dir, work = Path(out_dir), Path(work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    t = time.time()
+    data = make_data(work, bench, cfg.get("workers", 2), progress)
+    timings["phantoms"] = (time.time() - t) / 60
+
+    runs = work / "runs"
+    # Method a: one run gives translation_only (stage 3) and full_pipeline (stage 5).
+    full_model = pipeline.run_pipeline(data["uda"], runs / "method_a", cfg, backend, progress)
+    run_a = pipeline.Run(data["uda"], runs / "method_a", cfg, backend, progress)
+    for name in pipeline._STAGE_ORDER:  # fills run_a.minutes from the done markers
+        if (run_a.out / name / "done.json").exists():
+            run_a.minutes[name] = json.loads((run_a.out / name / "done.json").read_text(encoding="utf-8"))["minutes"]
+    m = run_a.minutes
+    shared = sum(m[s] for s in bench.get("shared_with_method_b", []))
+    stage3 = sum(m[s] for s in _STAGES_A + ["segment"])
+    minutes = {"translation_only": stage3, "full_pipeline": stage3 + m["pseudo_labels"] + m["self_train"]}
+
+    # Method b: the shared first stages are the method-a run's own folders.
+    cfg_b = pipeline.load_config(config, "method_b") if isinstance(config, str) else \
+        pipeline.deep_update(cfg, cfg["variants"]["method_b"]) | {"variant": "method_b"}
+    run_b_dir = runs / "method_b"
+    run_b_dir.mkdir(parents=True, exist_ok=True)
+    for stage in bench.get("shared_with_method_b", []):
+        if not (run_b_dir / stage).exists():
+            os.symlink((runs / "method_a" / stage).resolve(), run_b_dir / stage)
+    model_b = pipeline.run_pipeline(data["uda"], run_b_dir, cfg_b, backend, progress)
+    mb = {s: json.loads((run_b_dir / s / "done.json").read_text(encoding="utf-8"))["minutes"] for s in ("translate_crops", "self_train")}
+    minutes["method_b"] = shared + sum(mb.values())
+
+    no_adapt_model, no_adapt_min = train_no_adaptation(run_a, runs / "no_adaptation", cfg, progress)
+    minutes["no_adaptation"] = m["prepare"] + m["translate_localiser"] + m["localiser"] + no_adapt_min
+    oracle_model, minutes["oracle"] = train_oracle(data["oracle"], runs / "oracle", cfg)
+
+    models = {"no_adaptation": no_adapt_model, "translation_only": runs / "method_a" / "model_translation_only",
+              "full_pipeline": full_model, "method_b": model_b, "oracle": oracle_model}
+    scores = {}
+    t = time.time()
+    for name in VARIANTS:
+        scores[name] = evaluate(Path(models[name]), data["test"], cfg.get("threads") or 2, progress)
+    timings["evaluation"] = (time.time() - t) / 60
+    timings["total"] = (time.time() - t_start) / 60
+    result = {
+        "variants": {name: {**{k: round(v, 4) for k, v in scores[name]["mean"].items()},
+                            "n_test": len(scores[name]["cases"]), "train_minutes": round(minutes[name], 1),
+                            "no_ear_found": scores[name]["no_ear_found"],
+                            "seconds_per_scan": round(scores[name]["seconds_per_scan"], 2)}
+                     for name in VARIANTS},
+        "config": {"name": config if isinstance(config, str) else cfg["name"], "benchmark": bench,
+                   "pipeline": cfg, "hrT2_labels_used_by_adaptation": False},
+        "timings_minutes": {k: round(v, 1) for k, v in timings.items()},
+        "per_case": {name: scores[name]["cases"] for name in VARIANTS},
+        "machine": f"{os.cpu_count()} CPU cores",
+    }
+    v = result["variants"]
+    result["acceptance"] = {
+        "full_pipeline_vs_dice_over_oracle": round(v["full_pipeline"]["VS_Dice"] / max(v["oracle"]["VS_Dice"], 1e-6), 3),
+        "full_pipeline_cochlea_dice_over_oracle": round(v["full_pipeline"]["Cochlea_Dice"] / max(v["oracle"]["Cochlea_Dice"], 1e-6), 3),
+        "self_training_beats_translation_only": (v["full_pipeline"]["VS_Dice"] + v["full_pipeline"]["Cochlea_Dice"]
+                                                 > v["translation_only"]["VS_Dice"] + v["translation_only"]["Cochlea_Dice"]),
+    }
+    (out_dir / "phantom_uda.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "phantom_uda.md").write_text(
+        "# Phantom UDA benchmark\n\nGenerated by `python -m training.benchmark`; held-out hrT2 test phantoms "
+        f"(seed {bench['seeds']['test_hrT2']}), CrossMoDA metrics.\n\n" + markdown_table(result) +
+        f"\n\nAcceptance: {json.dumps(result['acceptance'])}\n\nTotal wall time {timings['total']:.1f} min.\n", encoding="utf-8")
+    bar_plot(result, out_dir / "phantom_uda.png")
+    # The full pipeline's model folder, with the figures it earned in its provenance.
+    pipeline.export_model(run_a, "self_train", work / "model", extra_provenance={
+        "benchmark": {k: result["variants"][k] for k in VARIANTS}, "benchmark_acceptance": result["acceptance"]})
+    print(markdown_table(result))
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/benchmark", help="where phantom_uda.json/.md/.png go")
+    ap.add_argument("--work", default="work/benchmark", help="phantoms, runs and model folders")
+    ap.add_argument("--config", default="phantom-cpu", help="config name in training/configs/ or a JSON file")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    run_benchmark(args.out, args.work, args.config, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()

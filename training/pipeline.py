@@ -1,0 +1,684 @@
+"""Unsupervised domain adaptation ceT1 → hrT2, end to end: annotated ceT1 + unannotated hrT2 → model folder.
+
+    python -m training.pipeline --data DIR --out RUN --config phantom-cpu [--variant method_b]
+    torchrun --nproc_per_node 4 -m training.pipeline --data DIR --out RUN --config crossmoda
+
+``DIR`` is a CrossMoDA-layout folder: ``<id>_ceT1.nii.gz`` + ``<id>_Label.nii.gz`` (source, labelled) and
+``<id>_hrT2.nii.gz`` (target; any hrT2 label file is ignored). ``--config`` is a file or a name in
+``training/configs/``; ``--variant`` applies that config's ``variants.<name>`` overrides. Stages, each in
+its own folder of ``RUN`` with a ``done.json`` marker (finished stages are skipped; a finished stage whose
+config differs is refused, so a reused folder can never silently mix settings), ``stages.csv`` timings:
+
+1. ``prepare``: ceT1 per-ear crops (jittered around the label's cochleae) + 2 mm whole-head localiser
+   volumes with labels; hrT2 localiser volumes only.
+2. ``translate_localiser`` → ``localiser`` → ``target_crops``: hrT2 ears are found without any hrT2 label
+   by translating at two scales. A first translator maps the 2 mm ceT1 localiser volumes to fake hrT2,
+   the localiser network is trained on those (with the ceT1 labels), and that localiser — the one the
+   exported model ships — finds both ears on every real hrT2 scan, exactly as the engine will at
+   inference, and cuts the real hrT2 ear crops there.
+   ``translate_crops``: a second translator maps ceT1 ear crops to fake hrT2 crops (0.5 mm), several
+   training snapshots for diversity, plus tumour intensity augmentation (darkened/brightened VS copies).
+3. ``segment``: 2D and 3D DynUNets (nnU-Net style) on fake hrT2; k folds over source cases when
+   ``data.folds`` > 1. Exported as ``model_translation_only/``.
+4. ``pseudo_labels``: the stage-3 ensemble labels the real hrT2 crops (confidence + component filtering).
+5. ``self_train``: the members again on fake hrT2 + real hrT2 with pseudo-labels (method a), or Mean
+   Teacher on fake hrT2 + unlabelled real hrT2 (method b, ``self_training.mode = "mean_teacher"``, which
+   skips stages 3–4); fold selection on held-out fake-hrT2 validation. Exported as ``model/`` with
+   ``segmentation.fusion`` from the config ("mean" or "cleanlab") and ``provenance.hrT2_labels_used = false``.
+
+Everything is seeded from the config; each network checkpoints and logs CSV (``segmentation.py``,
+``mean_teacher.py``); under ``torchrun`` the networks train with DDP and rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import platform
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from VSCochleaSegLib.geometry import box_grid, resample_to_grid
+from VSCochleaSegLib.inference import predict_softmax
+from VSCochleaSegLib.labels import VS
+from VSCochleaSegLib.localise import localise_ears, localiser_grid
+from VSCochleaSegLib.model_folder import (
+    CropSpec, LocaliserSpec, ModelSpec, NetworkSpec, NormalisationSpec, write_model_folder,
+)
+from VSCochleaSegLib.networks import build_network, load_inference_state_dict
+from VSCochleaSegLib.normalisation import IntensityScale, fit_intensity_scale
+
+from . import distributed
+from .cases import list_cases
+from .mean_teacher import MeanTeacherConfig, train_mean_teacher
+from .pseudo_labels import EnsembleMember, PseudoLabelConfig, pseudo_label_crops
+from .segmentation import TrainConfig, dice_per_class, train_network
+from .train_supervised import _prepare_one
+from .translation.augment import augment_tumour_intensity
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_UNSET_SHA256 = "0" * 64
+
+# The config sections each stage depends on, itself and upstream: a stage's done.json records them.
+_STAGE_KEYS = {
+    "prepare": ["normalisation", "crop", "segmentation_spacing_xyz_mm", "localiser.spacing_xyz_mm",
+                "localiser.train.network", "data.jitters", "data.jitter_mm", "seed"],
+    "translate_localiser": ["translation.localiser", "translation.localiser_snapshots"],
+    "localiser": ["localiser.train", "localiser.random_contrast_copies"],
+    "target_crops": [],
+    "translate_crops": ["translation.crops", "translation.crop_snapshots", "translation.tumour_augmentation"],
+    "segment": ["members", "data.folds", "data.select_folds"],
+    "pseudo_labels": ["pseudo_labels", "fusion"],
+    "self_train": ["self_training"],
+}
+_STAGE_ORDER = list(_STAGE_KEYS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in recursively (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_config(name_or_path: str, variant: str | None = None) -> dict:
+    """A config by file path or by name in ``training/configs/``, with ``variants[variant]`` applied."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if variant:
+        if variant not in cfg.get("variants", {}):
+            raise KeyError(f"{path}: no variant {variant!r}; variants are {sorted(cfg.get('variants', {}))}")
+        cfg = deep_update(cfg, cfg["variants"][variant])
+        cfg["variant"] = variant
+    return cfg
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def stage_fingerprint(cfg: dict, stage: str) -> dict:
+    """The config values ``stage`` and every stage before it depend on."""
+    keys = [k for s in _STAGE_ORDER[: _STAGE_ORDER.index(stage) + 1] for k in _STAGE_KEYS[s]]
+    # Unset settings are left out, so adding an optional setting later does not invalidate old runs.
+    return json.loads(json.dumps({k: v for k in keys if (v := _get(cfg, k)) is not None}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Translation backend (part A's training.translation); a Protocol so tests swap in a fake.
+# --------------------------------------------------------------------------------------------------
+
+class TranslatorLike(Protocol):
+    snapshots: Sequence[int]
+
+    def translate_volume(self, volume_zyx: np.ndarray, snapshot=None) -> np.ndarray: ...
+
+
+class TranslationBackend(Protocol):
+    def train(self, source_images: list, source_labels: list, target_images: list, cfg: dict, out_dir: Path,
+              progress: bool) -> TranslatorLike: ...
+
+
+class PartATranslation:
+    """``training.translation`` (CycleGAN with segmentation heads, CUT, CutSeg): resumable, and a finished
+    run folder is loaded instead of retrained, so calling ``train`` again is how a stage resumes."""
+
+    def train(self, source_images, source_labels, target_images, cfg, out_dir, progress=True):
+        from training.translation import TranslationConfig, train_translation
+
+        return train_translation(source_images, source_labels, target_images, TranslationConfig.from_dict(cfg),
+                                 out_dir, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run: folders, stage markers, logs
+# --------------------------------------------------------------------------------------------------
+
+class Run:
+    """One pipeline run folder. ``progress``: tqdm bars; ``backend``: the translation implementation."""
+
+    def __init__(self, data_dir, out_dir, cfg: dict, backend: TranslationBackend | None = None, progress: bool = True):
+        self.data_dir, self.out, self.cfg = Path(data_dir), Path(out_dir), cfg
+        self.backend = backend or PartATranslation()
+        self.progress = progress
+        self.minutes: dict = {}
+        self.out.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            (self.out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    def stage(self, name: str, fn: Callable[[Path], dict | None]) -> dict:
+        """Run ``fn(stage_dir)`` unless done with the same config; returns the stage's ``done.json`` record."""
+        d = self.out / name
+        marker = d / "done.json"
+        fp = stage_fingerprint(self.cfg, name)
+        if marker.exists():
+            done = json.loads(marker.read_text(encoding="utf-8"))
+            if {k: v for k, v in done["config"].items() if v is not None} != fp:
+                raise RuntimeError(f"{d} was made with a different config ({name} and the stages before it); "
+                                   f"delete {d} and the stages after it to redo them.")
+            self.minutes[name] = done["minutes"]
+            return done
+        d.mkdir(parents=True, exist_ok=True)
+        print(f"== stage {name}", flush=True)
+        t0 = time.time()
+        info = fn(d) or {}
+        distributed.barrier()
+        done = {"config": fp, "minutes": round((time.time() - t0) / 60, 2), "info": info}
+        if distributed.is_main():
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=2))
+            tmp.replace(marker)
+            log = self.out / "stages.csv"
+            new = not log.exists()
+            with open(log, "a", newline="") as f:
+                w = csv.writer(f)
+                if new:
+                    w.writerow(["stage", "minutes", "finished_utc"])
+                w.writerow([name, done["minutes"], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())])
+        self.minutes[name] = done["minutes"]
+        return done
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _localiser_spec(cfg: dict) -> LocaliserSpec:
+    tc = cfg["localiser"]["train"]
+    return LocaliserSpec.from_dict({"spacing_xyz_mm": cfg["localiser"]["spacing_xyz_mm"], "network": tc["network"],
+                                    "patch_size_zyx": tc["patch_size_zyx"], "weights": "localiser.safetensors",
+                                    "sha256": _UNSET_SHA256}, source="training config")
+
+
+def _load_net(network: dict, weights: Path) -> torch.nn.Module:
+    net = build_network(NetworkSpec.from_dict(network, source="training config"))
+    load_inference_state_dict(net, load_file(str(weights)))
+    return net.eval()
+
+
+def _f32(a) -> np.ndarray:
+    return np.asarray(a, np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: prepare
+# --------------------------------------------------------------------------------------------------
+
+def _prepare_target(args):
+    """hrT2 case → its 2 mm localiser volume and intensity scale. Never reads a label."""
+    image_path, case_id, cfg, cache = args
+    out = cache / f"{case_id}.npz"
+    if out.exists():
+        return out
+    image = sitk.Cast(sitk.ReadImage(str(image_path)), sitk.sitkFloat32)
+    scale = fit_intensity_scale(sitk.GetArrayViewFromImage(image), NormalisationSpec.from_dict(cfg["normalisation"]))
+    vol = scale.apply(resample_to_grid(image, localiser_grid(image, _localiser_spec(cfg)))).astype(np.float16)
+    _save_npz(out, localiser_image=vol, scale=np.array([scale.low, scale.high]), image_path=str(image_path))
+    return out
+
+
+def stage_prepare(run: Run, d: Path) -> dict:
+    cfg = run.cfg
+    source = list_cases(run.data_dir, "ceT1", require_labels=True)
+    target = list_cases(run.data_dir, "hrT2", require_labels=False)
+    (d / "cet1").mkdir(exist_ok=True)
+    (d / "hrt2").mkdir(exist_ok=True)
+    src_cfg = {**cfg, "modality": "ceT1"}
+    jobs_s = [(c, src_cfg, d / "cet1", i) for i, c in enumerate(source)]
+    jobs_t = [(c.image, c.case_id, cfg, d / "hrt2") for c in target]
+    workers = max(1, int(cfg.get("workers", 2)))
+    with Pool(workers) as pool:
+        list(tqdm(pool.imap(_prepare_one, jobs_s), total=len(jobs_s), desc="prepare ceT1", disable=not run.progress))
+        list(tqdm(pool.imap(_prepare_target, jobs_t), total=len(jobs_t), desc="prepare hrT2", disable=not run.progress))
+    return {"n_ceT1": len(source), "n_hrT2": len(target), "ceT1_cases": [c.case_id for c in source],
+            "hrT2_cases": [c.case_id for c in target]}
+
+
+def _source_cases(run: Run) -> list[tuple[str, dict]]:
+    """[(case_id, arrays)] of the prepared ceT1 cases: crops [(img, lab)], localiser (img, lab)."""
+    out = []
+    for p in sorted((run.out / "prepare" / "cet1").glob("*.npz")):
+        with np.load(p) as z:
+            crops, k = [], 0
+            while f"crop{k}_image" in z:
+                crops.append((z[f"crop{k}_image"], z[f"crop{k}_labels"]))
+                k += 1
+            out.append((p.stem, {"crops": crops, "localiser": (z["localiser_image"], z["localiser_labels"])}))
+    return out
+
+
+def _target_localiser_volumes(run: Run) -> list[tuple[str, np.ndarray, IntensityScale, str]]:
+    out = []
+    for p in sorted((run.out / "prepare" / "hrt2").glob("*.npz")):
+        with np.load(p) as z:
+            out.append((p.stem, z["localiser_image"], IntensityScale(*map(float, z["scale"])), str(z["image_path"])))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: translation at two scales, localiser, real hrT2 crops
+# --------------------------------------------------------------------------------------------------
+
+def _train_translator(run: Run, d: Path, source_images, source_labels, target_images, tcfg: dict) -> TranslatorLike:
+    """Train (or resume, or load when finished) the translator in ``d/translator``."""
+    return run.backend.train([_f32(a) for a in source_images], [np.asarray(a, np.uint8) for a in source_labels],
+                             [_f32(a) for a in target_images], {"threads": run.cfg.get("threads"), **tcfg},
+                             d / "translator", run.progress)
+
+
+def head_mask(volume_zyx: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """The head (z, y, x) of an engine-normalised volume: voxels above ``threshold``, holes filled per slice,
+    grown by one voxel."""
+    from scipy.ndimage import binary_dilation, binary_fill_holes
+
+    mask = np.asarray(volume_zyx, np.float32) > threshold
+    mask = np.stack([binary_fill_holes(s) for s in mask])
+    return binary_dilation(mask, iterations=1)
+
+
+def translate_in_head(translator: TranslatorLike, source_zyx: np.ndarray, snapshot) -> np.ndarray:
+    """Fake hrT2 of ``source_zyx``; outside the source's head it is air (0), as on every normalised scan.
+    Uses only the source image: an unconverged generator's grey background must not teach the networks
+    that air is grey."""
+    source = _f32(source_zyx)
+    return np.where(head_mask(source), translator.translate_volume(source, snapshot), 0.0).astype(np.float32)
+
+
+def _snapshots(translator: TranslatorLike, which) -> list:
+    """Which training snapshots translate: "last" → [None] (the final generator), "all", or a list."""
+    if which in (None, "last"):
+        return [None]
+    if which == "all":
+        return list(translator.snapshots) or [None]
+    return [s for s in which if s in translator.snapshots] or [None]
+
+
+def stage_translate_localiser(run: Run, d: Path) -> dict:
+    src = _source_cases(run)
+    tgt = _target_localiser_volumes(run)
+    translator = _train_translator(run, d, [a["localiser"][0] for _, a in src], [a["localiser"][1] for _, a in src],
+                                   [v for _, v, _, _ in tgt], run.cfg["translation"]["localiser"])
+    snaps = _snapshots(translator, run.cfg["translation"].get("localiser_snapshots", "last"))
+    (d / "fake").mkdir(exist_ok=True)
+    for case_id, arrays in tqdm(src, desc="fake hrT2 localiser volumes", disable=not run.progress):
+        img, lab = arrays["localiser"]
+        fakes = [translate_in_head(translator, img, s).astype(np.float16) for s in snaps]
+        _save_npz(d / "fake" / f"{case_id}.npz", images=np.stack(fakes), labels=lab)
+    return {"snapshots": [s for s in snaps]}
+
+
+def _fake_localiser_arrays(run: Run) -> list:
+    out = []
+    for p in sorted((run.out / "translate_localiser" / "fake").glob("*.npz")):
+        with np.load(p) as z:
+            out += [(img, z["labels"]) for img in z["images"]]
+    return out
+
+
+def random_contrast(volume_zyx: np.ndarray, rng: np.random.Generator, knots: int = 7) -> np.ndarray:
+    """``volume`` through a random piecewise-linear intensity curve (air stays 0, head voxels get random,
+    possibly non-monotonic contrast): domain randomisation, so the localiser keys on anatomy's shape
+    rather than on one contrast (in the spirit of SynthSeg, Billot et al. 2023)."""
+    v = _f32(volume_zyx)
+    xs = np.linspace(0.0, 1.5, knots)
+    ys = np.concatenate([[0.0], rng.uniform(0.0, 1.0, knots - 1)])
+    return np.where(head_mask(v), np.interp(v, xs, ys), 0.0).astype(np.float16)
+
+
+def stage_localiser(run: Run, d: Path) -> dict:
+    """The localiser on fake hrT2 localiser volumes, plus ``random_contrast_copies`` random-contrast copies
+    of each ceT1 localiser volume."""
+    tcfg = TrainConfig(**run.cfg["localiser"]["train"])
+    arrays = _fake_localiser_arrays(run)
+    copies = int(run.cfg["localiser"].get("random_contrast_copies", 0))
+    if copies:
+        rng = np.random.default_rng([run.cfg.get("seed", 0), 3])
+        arrays += [(random_contrast(a["localiser"][0], rng), a["localiser"][1])
+                   for _, a in _source_cases(run) for _ in range(copies)]
+    sd = train_network(arrays, tcfg, d, "localiser", progress=run.progress)
+    if distributed.is_main():
+        save_file(sd, str(d / "localiser.safetensors"))
+    return {}
+
+
+def ear_crops(image: sitk.Image, ears, cfg: dict, scale: IntensityScale) -> list[np.ndarray]:
+    """Both normalised ear crops (left, then mirrored right) (z, y, x) as the engine cuts them."""
+    crop = CropSpec.from_dict(cfg["crop"])
+    out = []
+    for side in ("left", "right"):
+        centre = ears.cochlea_lps[side] + ears.medial_direction(side) * crop.medial_offset_mm
+        grid = box_grid(centre, crop.size_xyz_mm, cfg["segmentation_spacing_xyz_mm"],
+                        mirror_x=(side == "right" and crop.mirror_right))
+        out.append(scale.apply(resample_to_grid(image, grid)).astype(np.float16))
+    return out
+
+
+def stage_target_crops(run: Run, d: Path) -> dict:
+    """Find both ears on every real hrT2 scan with the trained localiser; cut the ear crops there."""
+    from VSCochleaSegLib.errors import InputError
+
+    spec = _localiser_spec(run.cfg)
+    net = _load_net(run.cfg["localiser"]["train"]["network"], run.out / "localiser" / "localiser.safetensors")
+    skipped, mirrored = [], 0
+    for case_id, _, scale, image_path in tqdm(_target_localiser_volumes(run), desc="locate hrT2 ears",
+                                              disable=not run.progress):
+        out = d / f"{case_id}.npz"
+        if out.exists():
+            continue
+        image = sitk.Cast(sitk.ReadImage(image_path), sitk.sitkFloat32)
+        try:
+            ears = localise_ears(image, net, spec, scale, torch.device("cpu"))
+        except InputError:
+            skipped.append(case_id)
+            continue
+        mirrored += len(ears.mirrored)
+        crops = ear_crops(image, ears, run.cfg, scale)
+        _save_npz(out, crops=np.stack(crops),
+                  cochlea_lps=np.stack([ears.cochlea_lps["left"], ears.cochlea_lps["right"]]))
+    if not list(d.glob("*.npz")):
+        raise RuntimeError(f"the localiser found no inner ear on any hrT2 scan ({len(skipped)} tried); the 2 mm "
+                           "translation or the localiser needs more training (see translate_localiser/ and localiser/)")
+    return {"skipped_no_ear_found": skipped, "ears_mirrored": mirrored}
+
+
+def _target_crops(run: Run) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for p in sorted((run.out / "target_crops").glob("*.npz")):
+        with np.load(p) as z:
+            out += [(p.stem, c) for c in z["crops"]]
+    return out
+
+
+def stage_translate_crops(run: Run, d: Path) -> dict:
+    src = _source_cases(run)
+    tcfg = run.cfg["translation"]
+    src_imgs = [img for _, a in src for img, _ in a["crops"]]
+    src_labs = [lab for _, a in src for _, lab in a["crops"]]
+    translator = _train_translator(run, d, src_imgs, src_labs, [c for _, c in _target_crops(run)], tcfg["crops"])
+    snaps = _snapshots(translator, tcfg.get("crop_snapshots", "all"))
+    aug = tcfg.get("tumour_augmentation", {})
+    rng = np.random.default_rng([run.cfg.get("seed", 0), 2])
+    (d / "fake").mkdir(exist_ok=True)
+    n_aug = 0
+    for case_id, arrays in tqdm(src, desc="fake hrT2 crops", disable=not run.progress):
+        out = d / "fake" / f"{case_id}.npz"
+        if out.exists():
+            continue
+        images, labels = [], []
+        for img, lab in arrays["crops"]:
+            for s in snaps:
+                fake = translate_in_head(translator, img, s)
+                images.append(fake.astype(np.float16))
+                labels.append(lab)
+                # Extra copies with the tumour darkened or brightened: real VS intensity on hrT2 varies
+                # more than translation reproduces (CrossMoDA 2021 reports: +0.1 VS Dice).
+                if (lab == VS).any() and rng.random() < aug.get("probability", 0.0):
+                    images.append(augment_tumour_intensity(fake, lab, rng, tuple(aug["factor_range"]),
+                                                           tuple(aug.get("sigma_voxels", (0.5, 1.0, 1.0)))
+                                                           ).astype(np.float16))
+                    labels.append(lab)
+                    n_aug += 1
+        _save_npz(out, images=np.stack(images), labels=np.stack(labels))
+    return {"snapshots": snaps, "tumour_augmented_copies": n_aug}
+
+
+def _fake_crops_by_case(run: Run) -> list[tuple[str, list]]:
+    out = []
+    for p in sorted((run.out / "translate_crops" / "fake").glob("*.npz")):
+        with np.load(p) as z:
+            out.append((p.stem, list(zip(z["images"], z["labels"]))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages 3-5: segmentation, pseudo-labels, self-training
+# --------------------------------------------------------------------------------------------------
+
+def fold_split(case_ids: Sequence[str], folds: int, seed: int) -> list[tuple[list, list]]:
+    """[(train ids, validation ids)] per fold; one fold = everything for training, no validation."""
+    ids = list(case_ids)
+    if folds <= 1:
+        return [(ids, [])]
+    order = np.random.default_rng(seed).permutation(len(ids))
+    parts = [sorted(ids[i] for i in order[f::folds]) for f in range(folds)]
+    return [([c for c in ids if c not in set(p)], p) for p in parts]
+
+
+def _member_name(member: dict, fold: int, folds: int) -> str:
+    return member["name"] if folds <= 1 else f"{member['name']}_f{fold}"
+
+
+def validation_dice(net: torch.nn.Module, patch_size, arrays: list) -> float:
+    """Mean of VS and cochlea Dice over held-out (image, labels) crops."""
+    scores = []
+    for img, lab in arrays:
+        pred = predict_softmax(net, _f32(img), tuple(patch_size), torch.device("cpu")).argmax(0)
+        d = dice_per_class(pred, lab)
+        scores.append((d[1] + d[2]) / 2)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], trainer: Callable | None = None) -> dict:
+    """Train every config member on every fold, validate, select; returns the stage record."""
+    cfg = run.cfg
+    folds = int(cfg.get("data", {}).get("folds", 1))
+    fake = _fake_crops_by_case(run)
+    splits = fold_split([c for c, _ in fake], folds, cfg.get("seed", 0))
+    by_case = dict(fake)
+    members = []
+    for m in cfg["members"]:
+        for f, (train_ids, val_ids) in enumerate(splits):
+            name = _member_name(m, f, folds)
+            final = d / f"{name}.safetensors"
+            if not final.exists():
+                labelled = [a for c in train_ids for a in by_case[c]]
+                arrays = train_arrays_for(labelled)
+                tcfg = TrainConfig(**{**m["train"], "threads": cfg.get("threads")})
+                sd = (trainer or _plain_trainer)(arrays, tcfg, d, name, run)
+                if distributed.is_main():
+                    save_file(sd, str(final))
+            distributed.barrier()
+            val = [a for c in val_ids for a in by_case[c]]
+            score = validation_dice(_load_net(m["train"]["network"], final), m["train"]["patch_size_zyx"], val) if val else None
+            members.append({"name": name, "member": m["name"], "fold": f, "validation_dice": score})
+    keep = int(cfg.get("data", {}).get("select_folds", folds))
+    for m in cfg["members"]:
+        mine = [r for r in members if r["member"] == m["name"]]
+        ranked = sorted(mine, key=lambda r: -(r["validation_dice"] if r["validation_dice"] is not None else 0.0))
+        for r in mine:
+            r["selected"] = r in ranked[:keep]
+    return {"members": members}
+
+
+def _plain_trainer(arrays, tcfg, d, name, run):
+    return train_network(arrays, tcfg, d, name, progress=run.progress)
+
+
+def _selected_members(run: Run, stage: str) -> list[dict]:
+    """[{name, train, weight, weights_path}] of the selected members of a finished stage, config order."""
+    record = json.loads((run.out / stage / "done.json").read_text(encoding="utf-8"))["info"]["members"]
+    by_name = {m["name"]: m for m in run.cfg["members"]}
+    return [{"name": r["name"], "train": by_name[r["member"]]["train"], "weight": by_name[r["member"]].get("weight", 1.0),
+             "path": run.out / stage / f"{r['name']}.safetensors"} for r in record if r["selected"]]
+
+
+def stage_segment(run: Run, d: Path) -> dict:
+    return _train_members(run, d, lambda labelled: labelled)
+
+
+def stage_pseudo_labels(run: Run, d: Path) -> dict:
+    members = [EnsembleMember(_load_net(m["train"]["network"], m["path"]), m["train"]["patch_size_zyx"], m["weight"])
+               for m in _selected_members(run, "segment")]
+    crops = _target_crops(run)
+    pcfg = PseudoLabelConfig(**run.cfg.get("pseudo_labels", {}))
+    selected, records = pseudo_label_crops(members, [c for _, c in crops], pcfg, run.cfg.get("fusion", "mean"),
+                                           run.progress)
+    keep = [r["crop"] for r in records if r["used"]]
+    _save_npz(d / "pseudo_labels.npz", images=np.stack([crops[k][1] for k in keep]) if keep else np.zeros((0,)),
+              labels=np.stack([lab for _, lab in selected]) if keep else np.zeros((0,)))
+    with open(d / "pseudo_labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["case", "crop", "confidence", "vs_voxels", "cochlea_voxels", "used"])
+        w.writeheader()
+        for r in records:
+            w.writerow({"case": crops[r["crop"]][0], **r})
+    return {"n_crops": len(records), "n_used": len(keep)}
+
+
+def _pseudo_arrays(run: Run) -> list:
+    with np.load(run.out / "pseudo_labels" / "pseudo_labels.npz") as z:
+        return list(zip(z["images"], z["labels"])) if z["images"].ndim == 4 else []
+
+
+def stage_self_train(run: Run, d: Path) -> dict:
+    st = run.cfg.get("self_training", {})
+    mode = st.get("mode", "pseudo_labels")
+    if mode == "pseudo_labels":
+        pseudo = _pseudo_arrays(run)
+        share = float(st.get("pseudo_fraction", 0.5))
+
+        def mix(labelled):
+            # Repeat the (fewer) pseudo-labelled real crops so they make ``pseudo_fraction`` of the draws.
+            if not pseudo or share <= 0:
+                return labelled
+            reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))
+            return labelled + pseudo * reps
+
+        warm = st.get("warm_start", False)
+
+        def trainer(arrays, tcfg, dd, name, run):
+            init = run.out / "segment" / f"{name}_checkpoint.pt" if warm else None
+            return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
+
+        return _train_members(run, d, mix, trainer)
+    if mode == "mean_teacher":
+        mt = MeanTeacherConfig(**st.get("mean_teacher", {}))
+        unlabelled = [c for _, c in _target_crops(run)]
+
+        def mt_trainer(arrays, tcfg, dd, name, run):
+            return train_mean_teacher(arrays, unlabelled, tcfg, mt, dd, name, progress=run.progress)
+
+        return _train_members(run, d, lambda labelled: labelled, mt_trainer)
+    raise ValueError(f"self_training.mode must be pseudo_labels or mean_teacher, not {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+def model_spec(cfg: dict, members: list[dict], fusion: str, provenance: dict) -> ModelSpec:
+    spec = {
+        "format_version": 1,
+        "name": cfg["name"], "version": cfg["version"], "description": cfg["description"],
+        "labels": {"background": 0, "vs": 1, "cochlea": 2},
+        "intended_use": cfg["intended_use"], "limitations": cfg["limitations"],
+        "provenance": provenance,
+        "normalisation": cfg["normalisation"],
+        "localiser": _localiser_spec(cfg).to_dict(),
+        "crop": cfg["crop"],
+        "segmentation": {"spacing_xyz_mm": cfg["segmentation_spacing_xyz_mm"], "fusion": fusion, "members": [
+            {"name": m["name"], "network": m["train"]["network"], "patch_size_zyx": m["train"]["patch_size_zyx"],
+             "weights": f"{m['name']}.safetensors", "weight": m["weight"], "sha256": _UNSET_SHA256} for m in members]},
+        "postprocess": cfg["postprocess"],
+    }
+    return ModelSpec.from_dict(spec)
+
+
+def export_model(run: Run, stage: str, target: Path, fusion: str | None = None, extra_provenance: dict | None = None):
+    """Write the localiser + ``stage``'s selected members as a model folder (replacing ``target``)."""
+    cfg = run.cfg
+    members = _selected_members(run, stage)
+    prepare = json.loads((run.out / "prepare" / "done.json").read_text(encoding="utf-8"))["info"]
+    provenance = {
+        **cfg.get("provenance", {}),
+        "hrT2_labels_used": False,
+        "method": cfg.get("variant", "method_a") if stage == "self_train" else "translation_only",
+        "stage": stage,
+        "training_data": str(run.data_dir),
+        "n_ceT1_cases": prepare["n_ceT1"], "n_hrT2_cases": prepare["n_hrT2"],
+        "train_minutes": dict(run.minutes),
+        "config": cfg, "torch": torch.__version__, "machine": platform.machine(),
+        "trained_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra_provenance or {}),
+    }
+    spec = model_spec(cfg, members, fusion or cfg.get("fusion", "mean"), provenance)
+    states = {"localiser": load_file(str(run.out / "localiser" / "localiser.safetensors"))}
+    states.update({m["name"]: load_file(str(m["path"])) for m in members})
+    return write_model_folder(target, spec, states, overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+def run_pipeline(data_dir, out_dir, cfg: dict, backend: TranslationBackend | None = None, progress: bool = True,
+                 model_out=None, until: str | None = None) -> Path | None:
+    """Run every stage (up to ``until``) and export the model folder(s); returns the final model folder."""
+    run = Run(data_dir, out_dir, cfg, backend, progress)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    mode = cfg.get("self_training", {}).get("mode", "pseudo_labels")
+    stages = [("prepare", stage_prepare), ("translate_localiser", stage_translate_localiser),
+              ("localiser", stage_localiser), ("target_crops", stage_target_crops),
+              ("translate_crops", stage_translate_crops)]
+    if mode != "mean_teacher":
+        stages += [("segment", stage_segment)]
+    if mode == "pseudo_labels":
+        stages += [("pseudo_labels", stage_pseudo_labels)]
+    if mode != "none":
+        stages += [("self_train", stage_self_train)]
+    for name, fn in stages:
+        run.stage(name, lambda d, fn=fn: fn(run, d))
+        if distributed.is_main() and name == "segment":
+            export_model(run, "segment", run.out / "model_translation_only")
+        if name == until:
+            return None
+    final_stage = stages[-1][0]
+    target = Path(model_out) if model_out else run.out / "model"
+    if distributed.is_main():
+        export_model(run, final_stage, target)
+        print(f"model folder written to {target}")
+    return target
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="CrossMoDA-layout folder: labelled ceT1 + unlabelled hrT2")
+    ap.add_argument("--out", required=True, help="run folder (stage outputs, checkpoints, logs)")
+    ap.add_argument("--config", required=True, help="config name in training/configs/ or a JSON file")
+    ap.add_argument("--variant", help="apply the config's variants.<name> overrides (e.g. method_b)")
+    ap.add_argument("--model-out", help="where to write the final model folder (default OUT/model)")
+    ap.add_argument("--until", choices=_STAGE_ORDER, help="stop after this stage")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.variant)
+    if distributed.is_main():
+        print(json.dumps(cfg, indent=2))
+    run_pipeline(args.data, args.out, cfg, progress=not args.no_progress, model_out=args.model_out, until=args.until)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Pseudo-labels for unlabelled real hrT2 ear crops from a trained ensemble (self-training, method a).
+
+The ensemble's fused probabilities on each crop become a label map, cleaned the way the CrossMoDA
+methods clean their outputs and filtered by confidence:
+
+- voxel confidence: a foreground voxel whose fused probability is below ``min_voxel_confidence`` is
+  set to background (a false background costs less than a false tumour in the retrained network);
+- connected components: only the largest VS and the largest cochlea component of the crop are kept
+  (a crop holds one ear), and a VS smaller than ``min_vs_voxels`` is dropped;
+- case confidence: the mean fused probability of the predicted class over the predicted foreground;
+  crops below ``min_case_confidence`` are not used, and at most the ``keep_fraction`` most confident
+  crops are.
+
+Arrays are (z, y, x); probabilities (C, z, y, x) with C = 3 (background, VS, cochlea).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import cc3d
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from VSCochleaSegLib.fusion import FUSERS
+from VSCochleaSegLib.inference import InferenceSettings, predict_softmax
+from VSCochleaSegLib.labels import COCHLEA, VS
+
+
+@dataclass
+class PseudoLabelConfig:
+    min_voxel_confidence: float = 0.5
+    min_case_confidence: float = 0.7
+    keep_fraction: float = 1.0
+    keep_largest: bool = True
+    min_vs_voxels: int = 20
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EnsembleMember:
+    """A trained network and how to run it: ``patch_size_zyx`` 3 entries (3D) or 2 (2D, axial slices)."""
+
+    net: torch.nn.Module
+    patch_size_zyx: Sequence[int]
+    weight: float = 1.0
+
+
+def ensemble_probabilities(members: list, crop_zyx: np.ndarray, fusion: str = "mean",
+                           settings: InferenceSettings = InferenceSettings()) -> np.ndarray:
+    """Fused class probabilities (C, z, y, x) of ``members`` on one normalised crop, as the engine fuses."""
+    probs = [predict_softmax(m.net, np.asarray(crop_zyx, np.float32), tuple(m.patch_size_zyx), torch.device("cpu"),
+                             settings) for m in members]
+    return FUSERS[fusion](probs, [m.weight for m in members])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    comps = cc3d.connected_components(mask, connectivity=26)
+    if comps.max() == 0:
+        return mask
+    counts = np.bincount(comps.ravel())
+    counts[0] = 0
+    return comps == counts.argmax()
+
+
+def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray, float]:
+    """(labels uint8 (z, y, x), case confidence in [0, 1]) from fused probabilities (C, z, y, x)."""
+    labels = probs.argmax(0).astype(np.uint8)
+    top = probs.max(0)
+    labels[(labels > 0) & (top < cfg.min_voxel_confidence)] = 0
+    for c in (VS, COCHLEA):
+        mask = labels == c
+        if not mask.any():
+            continue
+        keep = _largest_component(mask) if cfg.keep_largest else mask
+        if c == VS and keep.sum() < cfg.min_vs_voxels:
+            keep = np.zeros_like(mask)
+        labels[mask & ~keep] = 0
+    fg = labels > 0
+    confidence = float(top[fg].mean()) if fg.any() else 0.0
+    return labels, confidence
+
+
+def select_confident(confidences: Sequence[float], cfg: PseudoLabelConfig) -> list[int]:
+    """Indices of the crops to train on: above ``min_case_confidence`` and within the top ``keep_fraction``."""
+    order = np.argsort(-np.asarray(confidences, float), kind="stable")
+    n_keep = int(np.ceil(cfg.keep_fraction * len(order)))
+    return sorted(int(i) for i in order[:n_keep] if confidences[i] >= cfg.min_case_confidence)
+
+
+def pseudo_label_crops(members: list, crops: list, cfg: PseudoLabelConfig, fusion: str = "mean",
+                       progress: bool = True) -> tuple[list, list]:
+    """Label every crop; returns ([(image, labels)] of the selected crops, per-crop records for the log)."""
+    labelled, records = [], []
+    for k, crop in enumerate(tqdm(crops, desc="pseudo-labels", unit="crop", disable=not progress)):
+        labels, conf = pseudo_label(ensemble_probabilities(members, crop, fusion), cfg)
+        labelled.append((crop, labels))
+        records.append({"crop": k, "confidence": round(conf, 4), "vs_voxels": int((labels == VS).sum()),
+                        "cochlea_voxels": int((labels == COCHLEA).sum())})
+    keep = set(select_confident([r["confidence"] for r in records], cfg))
+    for r in records:
+        r["used"] = r["crop"] in keep
+    return [labelled[i] for i in sorted(keep)], records

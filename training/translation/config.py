@@ -1,0 +1,103 @@
+"""The configuration of one image-translation run (ceT1 → hrT2), as data.
+
+One dataclass covers the three models; fields a model does not use are ignored by it. Defaults follow
+the papers: CycleGAN-seg (method a) weights adv:cycle:identity:seg = 1:10:5:100, Adam 1e-4 with
+betas (0.5, 0.999) and a multiplicative learning-rate decay per epoch; CUT (Park et al. 2020) PatchNCE
+with temperature 0.07, 256 patches per layer, 256-dimensional MLP projections, identity NCE.
+The config is written next to every run's checkpoints and into the exported translator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+MODELS = ("cyclegan_seg", "cut", "cutseg")
+
+
+@dataclass
+class TranslationConfig:
+    """One translation run.
+
+    ``image_size``: training patch, (y, x) for ``dims=2`` (random axial slices cut to this size) or
+    (z, y, x) for ``dims=3``. Iteration counts (``iterations``, ``seg_warmup_iterations``,
+    ``pretrain_iterations``, ``save_at``, ``checkpoint_every``) count optimiser steps (one batch each).
+    An "epoch" for the learning-rate decay is ``epoch_iterations`` steps: lr(it) = lr · lr_decay^⌊it/epoch⌋.
+    """
+
+    model: str = "cyclegan_seg"  # cyclegan_seg (method a) | cut | cutseg (method b)
+    dims: int = 2
+    image_size: tuple = (112, 128)
+    iterations: int = 2000
+    batch_size: int = 4
+    # networks
+    base_filters: int = 32  # generator: base · (1, 2, 4, 8) over the 4 resolutions of a 3-level U-Net
+    levels: int = 3  # generator down-samplings
+    disc_filters: int = 64
+    disc_layers: int = 3  # 3 = the 70×70 PatchGAN in 2D; fewer for small patches
+    seg_network: dict | None = None  # cutseg's segmentation module (a NetworkSpec dict); None = derived
+    # optimisation
+    lr: float = 1e-4
+    betas: tuple = (0.5, 0.999)
+    lr_decay: float = 0.98
+    epoch_iterations: int = 100
+    seg_lr: float = 1e-3  # cutseg's segmentation module (Adam)
+    # loss weights (cyclegan_seg: adv:cycle:identity:seg = 1:10:5:100)
+    weight_adv: float = 1.0
+    weight_cycle: float = 10.0  # applies to the image-space and the k-space cycle terms alike
+    kspace_cycle: str = "complex"  # complex | magnitude | none (see losses.kspace_l1)
+    weight_identity: float = 5.0
+    weight_seg: float = 100.0
+    seg_warmup_iterations: int = 500  # cyclegan_seg: fake-hrT2 segmentation loss off before this
+    seg_grad_to_generator: bool = True  # segmentation losses on fake images also train the translator
+    pool_size: int = 50  # CycleGAN's history of fakes shown to the discriminators
+    # CUT / CutSeg
+    weight_nce: float = 1.0
+    nce_identity: bool = True
+    nce_layers: tuple = (0, 1, 2, 3, 4)  # 0 = input image, 1..levels+1 = encoder stages
+    nce_patches: int = 256
+    nce_temperature: float = 0.07
+    nce_dim: int = 256
+    weight_seg_cutseg: float = 1.0  # cutseg's seg loss weight, relative to adversarial loss 1
+    pretrain_iterations: int = 500  # cutseg: CUT alone before the segmentation module joins
+    # data
+    oversample_foreground: float = 0.25  # share of source patches centred on a labelled voxel
+    # run
+    save_at: list = field(default_factory=list)  # generator snapshots (the last iteration is always one)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast where the hardware has fast bf16) | bf16 | fp32
+
+    def __post_init__(self):
+        self.image_size = tuple(int(s) for s in self.image_size)
+        self.betas = tuple(float(b) for b in self.betas)
+        self.nce_layers = tuple(int(i) for i in self.nce_layers)
+        self.save_at = sorted({int(i) for i in self.save_at})
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
+        if self.dims not in (2, 3) or len(self.image_size) != self.dims:
+            raise ValueError(f"image_size {self.image_size} needs {self.dims} entries (dims={self.dims})")
+        if self.kspace_cycle not in ("complex", "magnitude", "none"):
+            raise ValueError(f"kspace_cycle must be complex, magnitude or none, not {self.kspace_cycle!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if any(i < 0 or i > self.levels + 1 for i in self.nce_layers):
+            raise ValueError(f"nce_layers {self.nce_layers} must lie in 0..{self.levels + 1}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TranslationConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown translation config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path) -> TranslationConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
