@@ -15,9 +15,7 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -116,20 +114,10 @@ def format_table(result: EvaluationResult) -> str:
 
 
 def write_json(result: EvaluationResult, path: PathLike) -> None:
-    """Write ``result.to_dict()`` to ``path`` atomically, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file sits in the same folder so os.replace is a rename on one file system.
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(result.to_dict(), stream, indent=2)
-            stream.write("\n")
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
-        raise
+    """Write ``result.to_dict()`` to ``path`` atomically (replacing it), so a reader never sees half a file."""
+    from .io import write_json_atomic
+
+    write_json_atomic(result.to_dict(), path, overwrite=True)
 
 
 def _files_by_id(folder: PathLike, suffix: str, role: str) -> dict[str, Path]:

@@ -641,6 +641,7 @@ def write_model_folder(out_dir: Union[str, Path], spec: ModelSpec,
             # clone(): safetensors refuses tensors that share storage, and state dicts may alias.
             tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dicts[key].items()}
             save_file(tensors, str(build_dir / entry.weights), metadata={"format": "pt"})
+            os.chmod(build_dir / entry.weights, 0o644)  # readable by every user of a shared installation
             hashes[key] = sha256_file(build_dir / entry.weights)
         spec = _with_checksums(spec, hashes, out_dir / MODEL_JSON)
         (build_dir / MODEL_JSON).write_text(spec.to_json(), encoding="utf-8")
