@@ -18,19 +18,12 @@ from VSCochleaSegLib.cli import main
 from VSCochleaSegLib.labels import COCHLEA, VS
 from VSCochleaSegLib.model_folder import Registry, default_registry_path
 
+from reliability_fixtures import crop_around_cochleae
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def crop_around_cochleae(image: sitk.Image, cochlea_centres_lps: dict, margin_mm: float = 12.0) -> sitk.Image:
-    """The index box holding both cochlea centres plus ``margin_mm`` on every side (geometry kept)."""
-    ijk = np.array([image.TransformPhysicalPointToContinuousIndex(c) for c in cochlea_centres_lps.values()])
-    margin = margin_mm / np.array(image.GetSpacing())
-    lo = np.maximum(np.floor(ijk.min(0) - margin), 0).astype(int)
-    hi = np.minimum(np.ceil(ijk.max(0) + margin) + 1, image.GetSize()).astype(int)
-    return sitk.RegionOfInterest(image, (hi - lo).tolist(), lo.tolist())
 
 
 @pytest.fixture(scope="module")

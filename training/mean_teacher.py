@@ -29,7 +29,7 @@ from VSCochleaSegLib.networks import build_network, inference_state_dict
 
 from . import distributed
 from .augment import augment_intensity
-from .segmentation import PatchSampler, TrainConfig, _optimizer
+from .segmentation import PatchSampler, TrainConfig, _optimizer, set_poly_learning_rate
 
 
 @dataclass
@@ -118,9 +118,7 @@ def train_mean_teacher(labelled: list, unlabelled: list, cfg: TrainConfig, mt: M
         bar = tqdm(range(start, cfg.iterations), desc=name, disable=not (progress and main), initial=start,
                    total=cfg.iterations)
         for it in bar:
-            lr = cfg.learning_rate * (1 - it / cfg.iterations) ** 0.9
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_poly_learning_rate(opt, cfg, it)
             x, y = sampler.batch()
             u, _ = u_sampler.batch()
             x = augment_intensity(x, g, cfg.augment_probability)

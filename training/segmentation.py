@@ -110,6 +110,14 @@ def _optimizer(net, cfg: TrainConfig):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
+def set_poly_learning_rate(opt, cfg: TrainConfig, iteration: int) -> float:
+    """nnU-Net's poly schedule: lr = base · (1 − iteration / iterations)^0.9, set on every group; returns it."""
+    lr = cfg.learning_rate * (1 - iteration / cfg.iterations) ** 0.9
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def dice_per_class(pred: np.ndarray, lab: np.ndarray, classes=(1, 2)) -> dict:
     out = {}
     for c in classes:
@@ -171,9 +179,7 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
         bar = tqdm(range(start, cfg.iterations), desc=name, disable=not (progress and main), initial=start,
                    total=cfg.iterations)
         for it in bar:
-            lr = cfg.learning_rate * (1 - it / cfg.iterations) ** 0.9
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_poly_learning_rate(opt, cfg, it)
             x, y = sampler.batch()
             x = augment_intensity(x, g, cfg.augment_probability).to(dev)
             y = y.to(dev)
