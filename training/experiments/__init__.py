@@ -1,0 +1,1 @@
+"""Small, reproducible experiments behind the measured decisions in docs/training.md."""
