@@ -277,6 +277,23 @@ def test_training_runs_under_distributed_data_parallel_single_process_gloo(tmp_p
     assert (tmp_path / "ddp_checkpoint.pt").exists()
 
 
+def test_class_weights_raise_the_loss_of_rare_classes_the_network_misses(tmp_path):
+    """The localiser's fix for its rare target (docs/localisation.md): weighting the cochlea class 20×
+    makes the same first iterations cost more than unweighted, because the untrained net misses it."""
+    import csv
+
+    from training.segmentation import TrainConfig, train_network
+
+    losses = {}
+    for name, weights in (("plain", None), ("weighted", [1, 1, 20])):
+        cfg = TrainConfig(network=TINY_NET2, patch_size_zyx=[24, 24], iterations=20, optimizer="adamw", threads=1,
+                          seed=5, class_weights=weights)
+        train_network(_tiny_arrays(), cfg, tmp_path / name, name, progress=False)
+        with open(tmp_path / name / f"{name}_log.csv") as f:
+            losses[name] = float(list(csv.DictReader(f))[0]["loss"])
+    assert losses["weighted"] > losses["plain"] > 0
+
+
 def test_without_torchrun_networks_are_not_wrapped():
     from training import distributed
 
