@@ -53,7 +53,7 @@ from VSCochleaSegLib.inference import predict_softmax
 from VSCochleaSegLib.labels import VS
 from VSCochleaSegLib.localise import localise_ears, localiser_grid
 from VSCochleaSegLib.model_folder import (
-    CropSpec, LocaliserSpec, ModelSpec, NetworkSpec, NormalisationSpec, write_model_folder,
+    CropSpec, ModelSpec, NetworkSpec, NormalisationSpec, write_model_folder,
 )
 from VSCochleaSegLib.networks import build_network, load_inference_state_dict
 from VSCochleaSegLib.normalisation import IntensityScale, fit_intensity_scale
@@ -63,11 +63,10 @@ from .cases import list_cases
 from .mean_teacher import MeanTeacherConfig, train_mean_teacher
 from .pseudo_labels import EnsembleMember, PseudoLabelConfig, pseudo_label_crops
 from .segmentation import TrainConfig, dice_per_class, train_network
-from .train_supervised import _prepare_one
+from .train_supervised import _UNSET_SHA256, _localiser_spec, _prepare_one
 from .translation.augment import augment_tumour_intensity
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-_UNSET_SHA256 = "0" * 64
 
 # The config sections each stage depends on, itself and upstream: a stage's done.json records them.
 _STAGE_KEYS = {
@@ -205,13 +204,6 @@ def _save_npz(path: Path, **arrays) -> None:
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
-
-
-def _localiser_spec(cfg: dict) -> LocaliserSpec:
-    tc = cfg["localiser"]["train"]
-    return LocaliserSpec.from_dict({"spacing_xyz_mm": cfg["localiser"]["spacing_xyz_mm"], "network": tc["network"],
-                                    "patch_size_zyx": tc["patch_size_zyx"], "weights": "localiser.safetensors",
-                                    "sha256": _UNSET_SHA256}, source="training config")
 
 
 def _load_net(network: dict, weights: Path) -> torch.nn.Module:
