@@ -42,10 +42,6 @@ class TrainConfig:
     oversample_vs: float = 0.33
     oversample_cochlea: float = 0.17
     augment_probability: float = 0.15
-    # False: the Dice term averages the foreground classes only. For rare targets (the localiser's two
-    # inner-ear balls are ~0.05 % of a 2 mm head) the background Dice (≈ 1 from the start) otherwise
-    # dilutes the foreground gradient and training sits at "all background" for hundreds of iterations.
-    dice_include_background: bool = True
     # Per-class weights of the cross-entropy and Dice terms (background, VS, cochlea); None = equal.
     class_weights: list | None = None
     checkpoint_every: int = 100
@@ -166,8 +162,7 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
         (out_dir / f"{name}_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     sampler = PatchSampler(arrays, cfg, rng)
     class_weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, dtype=torch.float32, device=dev)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=cfg.dice_include_background,
-                         weight=class_weights)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=class_weights)
     weights = np.array([1.0, 0.5, 0.25])
     weights = weights / weights.sum()
     use_bf16 = cpu_has_fast_bf16() if dev.type == "cpu" else torch.cuda.is_bf16_supported()
