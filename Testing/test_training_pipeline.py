@@ -422,6 +422,69 @@ def test_random_contrast_keeps_air_dark_and_changes_the_head():
     assert out[0, 0, 0] == 0.0 and not np.allclose(out[:, 5:15, 5:15], vol[:, 5:15, 5:15], atol=0.05)
 
 
+def test_localiser_pseudo_labels_keep_only_scans_with_both_ears_found(method_a_run, uda_data, monkeypatch):
+    """Self-training of the localiser: a real hrT2 scan is pseudo-labelled only when the localiser found both
+    ears itself; the target puts the inner-ear balls where it found them."""
+    from VSCochleaSegLib.errors import InputError
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    run = pipeline.Run(uda_data, out, tiny_config(), FakeBackend(fail=True), progress=False)
+    net = pipeline._load_net(run.cfg["localiser"]["train"]["network"], out / "localiser" / "localiser.safetensors")
+    outcomes = iter(["both", "mirrored"])
+
+    def found(prob, volume, grid):
+        outcome = next(outcomes)
+        centre = grid.index_to_lps(((np.array(grid.shape_zyx[::-1]) - 1) / 2)[None])[0]
+        ears = EarLocations({"left": centre + [8.0, 0, 0], "right": centre - [8.0, 0, 0]}, centre, np.array([1.0, 0, 0]))
+        if outcome == "mirrored":
+            ears.mirrored["right"] = True
+        return ears
+
+    monkeypatch.setattr(pipeline, "ears_from_probabilities", found)
+    pseudo, info = pipeline.localiser_pseudo_targets(run, net)
+    assert info == {"pseudo_labelled_scans": 1, "no_ear_found": 0, "one_ear_only": 1}
+    volume, target = pseudo[0]
+    assert target.shape == volume.shape
+    ball = np.argwhere(target == 2)
+    assert len(ball) > 0
+    middle = (np.array(target.shape) - 1) / 2
+    assert np.all(np.abs(ball - middle).max(0) <= [2, 4, 4])  # 4 mm voxels: balls 8 mm either side of the centre
+
+    def nothing(prob, volume, grid):
+        raise InputError("no ear")
+
+    monkeypatch.setattr(pipeline, "ears_from_probabilities", nothing)
+    assert pipeline.localiser_pseudo_targets(run, net) == ([], {"pseudo_labelled_scans": 0, "no_ear_found": 2,
+                                                                "one_ear_only": 0})
+
+
+def test_localiser_stage_fine_tunes_on_pseudo_labelled_real_hrt2(method_a_run, uda_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    for stage in ("prepare", "translate_localiser"):
+        os.symlink(out / stage, tmp_path / stage)
+    cfg = tiny_config()
+    cfg["localiser"]["self_training"] = {"iterations": 3}
+
+    def both(prob, volume, grid):
+        centre = grid.index_to_lps(((np.array(grid.shape_zyx[::-1]) - 1) / 2)[None])[0]
+        return EarLocations({"left": centre + [8.0, 0, 0], "right": centre - [8.0, 0, 0]}, centre, np.array([1.0, 0, 0]))
+
+    monkeypatch.setattr(pipeline, "ears_from_probabilities", both)
+    run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
+    done = run.stage("localiser", lambda d: pipeline.stage_localiser(run, d))
+    assert done["info"]["pseudo_labelled_scans"] == 2
+    assert "localiser.self_training" in done["config"]
+    d = tmp_path / "localiser"
+    assert (d / "localiser_self_trained_log.csv").exists()
+    first = torch.load(d / "localiser_checkpoint.pt", weights_only=True)["net"]
+    shipped = load_file(str(d / "localiser.safetensors"))
+    assert any(not torch.equal(first[k], v) for k, v in shipped.items() if k in first)
+
+
 def test_a_stage_run_before_an_optional_setting_existed_is_still_accepted():
     from training.pipeline import stage_fingerprint
 

@@ -172,6 +172,26 @@ def test_resumed_run_continues_from_its_checkpoint_and_matches_an_uninterrupted_
         assert np.allclose(resumed.translate_volume(data[0][0], it), straight.translate_volume(data[0][0], it), atol=1e-5)
 
 
+def test_init_weights_starts_from_another_runs_networks(data, trained, tmp_path):
+    source_dir, source = trained["cyclegan_seg"]
+    # lr 0: Adam makes no step, so a fine-tuned run's generator must equal the run it started from.
+    tuned = train_translation(*data, tiny_config("cyclegan_seg", lr=0.0, init_weights=str(source_dir)),
+                              tmp_path / "tuned", progress=False)
+    fresh = train_translation(*data, tiny_config("cyclegan_seg", lr=0.0, seed=5), tmp_path / "fresh", progress=False)
+    x = data[0][0]
+    assert np.allclose(tuned.translate_volume(x), source.translate_volume(x), atol=1e-5)
+    assert not np.allclose(fresh.translate_volume(x), source.translate_volume(x), atol=1e-3)
+
+
+def test_init_weights_of_a_missing_run_or_another_architecture_is_refused(data, trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no translation checkpoint"):
+        train_translation(*data, tiny_config("cyclegan_seg", init_weights=str(tmp_path / "nothing")),
+                          tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="another architecture"):
+        train_translation(*data, tiny_config("cyclegan_seg", base_filters=8, init_weights=str(trained["cyclegan_seg"][0])),
+                          tmp_path / "b", progress=False)
+
+
 def test_checkpoint_past_the_configured_iterations_is_refused(data, trained):
     with pytest.raises(ValueError, match="past"):
         train_translation(*data, tiny_config("cut", iterations=2), trained["cut"][0], progress=False)

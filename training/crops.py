@@ -78,9 +78,15 @@ def localiser_target(labels: sitk.Image, grid: GridSpec, centres: dict,
     each cochlea centre (LPS mm, ``centres`` from ``cochlea_centres_from_labels``); the ball wins overlaps."""
     out = resample_labels(labels, grid)
     out[out == COCHLEA] = 0
+    return with_ear_balls(out, grid, centres, radius_mm)
+
+
+def with_ear_balls(labels_zyx: np.ndarray, grid: GridSpec, centres: dict,
+                   radius_mm: float = LOCALISER_EAR_RADIUS_MM) -> np.ndarray:
+    """``labels_zyx`` (on ``grid``) with a class-2 ball of ``radius_mm`` around each centre (LPS mm), in place."""
     zyx = np.indices(grid.shape_zyx).reshape(3, -1).T
     lps = grid.index_to_lps(zyx[:, ::-1])
     for centre in centres.values():
         inside = np.linalg.norm(lps - np.asarray(centre), axis=1) <= radius_mm
-        out.reshape(-1)[inside] = COCHLEA
-    return out
+        labels_zyx.reshape(-1)[inside] = COCHLEA
+    return labels_zyx

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from VSCochleaSegLib.geometry import box_grid, resample_to_grid
 from VSCochleaSegLib.inference import predict_softmax
 from VSCochleaSegLib.labels import VS
-from VSCochleaSegLib.localise import localise_ears, localiser_grid
+from VSCochleaSegLib.localise import ears_from_probabilities, localise_ears, localiser_grid
 from VSCochleaSegLib.model_folder import (
     CropSpec, ModelSpec, NetworkSpec, NormalisationSpec, write_model_folder,
 )
@@ -73,9 +73,10 @@ _STAGE_KEYS = {
     "prepare": ["normalisation", "crop", "segmentation_spacing_xyz_mm", "localiser.spacing_xyz_mm",
                 "localiser.train.network", "data.jitters", "data.jitter_mm", "seed"],
     "translate_localiser": ["translation.localiser", "translation.localiser_snapshots"],
-    "localiser": ["localiser.train", "localiser.random_contrast_copies"],
+    "localiser": ["localiser.train", "localiser.random_contrast_copies", "localiser.self_training"],
     "target_crops": [],
-    "translate_crops": ["translation.crops", "translation.crop_snapshots", "translation.tumour_augmentation"],
+    "translate_crops": ["translation.crops", "translation.crop_snapshots", "translation.tumour_augmentation",
+                        "translation.crops_init_from_localiser"],
     "segment": ["members", "data.folds", "data.select_folds"],
     "pseudo_labels": ["pseudo_labels", "fusion"],
     "self_train": ["self_training"],
@@ -343,7 +344,8 @@ def random_contrast(volume_zyx: np.ndarray, rng: np.random.Generator, knots: int
 
 def stage_localiser(run: Run, d: Path) -> dict:
     """The localiser on fake hrT2 localiser volumes, plus ``random_contrast_copies`` random-contrast copies
-    of each ceT1 localiser volume."""
+    of each ceT1 localiser volume; then, with ``localiser.self_training``, fine-tuned on the real hrT2
+    volumes it already locates with confidence (:func:`localiser_pseudo_targets`)."""
     tcfg = TrainConfig(**run.cfg["localiser"]["train"])
     arrays = _fake_localiser_arrays(run)
     copies = int(run.cfg["localiser"].get("random_contrast_copies", 0))
@@ -352,9 +354,51 @@ def stage_localiser(run: Run, d: Path) -> dict:
         arrays += [(random_contrast(a["localiser"][0], rng), a["localiser"][1])
                    for _, a in _source_cases(run) for _ in range(copies)]
     sd = train_network(arrays, tcfg, d, "localiser", progress=run.progress)
+    info = {}
+    st = run.cfg["localiser"].get("self_training")
+    if st:
+        net = build_network(tcfg.network_spec)
+        load_inference_state_dict(net, sd)
+        pseudo, info = localiser_pseudo_targets(run, net.eval())
+        if pseudo:
+            tuned = TrainConfig(**{**run.cfg["localiser"]["train"], "iterations": int(st["iterations"]),
+                                   "learning_rate": float(st.get("learning_rate", tcfg.learning_rate)),
+                                   "seed": tcfg.seed + 1})
+            sd = train_network(arrays + pseudo * int(st.get("copies", 1)), tuned, d, "localiser_self_trained",
+                               progress=run.progress, init_from=d / "localiser_checkpoint.pt")
     if distributed.is_main():
         save_file(sd, str(d / "localiser.safetensors"))
-    return {}
+    return info
+
+
+def localiser_pseudo_targets(run: Run, net: torch.nn.Module) -> tuple[list, dict]:
+    """Localiser pseudo-labels on the real hrT2 2 mm volumes: (volume, target) for every scan on which
+    ``net`` finds both inner ears itself (neither mirrored) — class 2 = the 5 mm balls around the found
+    centres, class 1 = its own VS prediction (probability > 0.5). Never reads an hrT2 label."""
+    from VSCochleaSegLib.errors import InputError
+
+    from .crops import with_ear_balls
+
+    spec = _localiser_spec(run.cfg)
+    out, missed, mirrored = [], 0, 0
+    for case_id, vol, _, image_path in tqdm(_target_localiser_volumes(run), desc="localiser pseudo-labels",
+                                            disable=not run.progress):
+        v = _f32(vol)
+        probs = predict_softmax(net, v, spec.patch_size_zyx, torch.device("cpu"))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(image_path)
+        grid = localiser_grid(sitk.Cast(reader.Execute(), sitk.sitkFloat32), spec)
+        try:
+            ears = ears_from_probabilities(probs[2], v, grid)
+        except InputError:
+            missed += 1
+            continue
+        if ears.mirrored:
+            mirrored += 1
+            continue
+        target = (probs[1] > 0.5).astype(np.uint8)
+        out.append((vol, with_ear_balls(target, grid, ears.cochlea_lps)))
+    return out, {"pseudo_labelled_scans": len(out), "no_ear_found": missed, "one_ear_only": mirrored}
 
 
 def ear_crops(image: sitk.Image, ears, cfg: dict, scale: IntensityScale) -> list[np.ndarray]:
@@ -410,7 +454,12 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
     tcfg = run.cfg["translation"]
     src_imgs = [img for _, a in src for img, _ in a["crops"]]
     src_labs = [lab for _, a in src for _, lab in a["crops"]]
-    translator = _train_translator(run, d, src_imgs, src_labs, [c for _, c in _target_crops(run)], tcfg["crops"])
+    crops_cfg = dict(tcfg["crops"])
+    if tcfg.get("crops_init_from_localiser"):
+        # Fine-tune the 2 mm translator at 0.5 mm: the contrast mapping it learnt carries over, and the
+        # crop translator otherwise needs several times more iterations to find it (docs/training.md).
+        crops_cfg["init_weights"] = str(run.out / "translate_localiser" / "translator")
+    translator = _train_translator(run, d, src_imgs, src_labs, [c for _, c in _target_crops(run)], crops_cfg)
     snaps = _snapshots(translator, tcfg.get("crop_snapshots", "all"))
     aug = tcfg.get("tumour_augmentation", {})
     rng = np.random.default_rng([run.cfg.get("seed", 0), 2])

@@ -65,6 +65,9 @@ class TranslationConfig:
     oversample_foreground: float = 0.25  # share of source patches centred on a labelled voxel
     # run
     save_at: list = field(default_factory=list)  # generator snapshots (the last iteration is always one)
+    # fine-tuning: a finished or running translation folder (or its checkpoint.pt) whose networks (same
+    # architecture) start this run; optimisers and image pools start fresh. None = random initialisation.
+    init_weights: str | None = None
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0

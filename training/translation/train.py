@@ -49,6 +49,20 @@ def _target_range(target_images) -> list[float]:
     return [float(np.median(lows)), float(np.median(highs))]
 
 
+def _init_networks(model, source: Path, device: torch.device) -> None:
+    """Start ``model``'s networks from another run's checkpoint (fine-tuning); optimisers stay fresh."""
+    path = source / CHECKPOINT if source.is_dir() else source
+    if not path.exists():
+        raise FileNotFoundError(f"init_weights: no translation checkpoint at {path}; train that run first or "
+                                "set init_weights to null")
+    nets = torch.load(path, map_location=device, weights_only=True)["model"]["nets"]
+    try:
+        model.load_state_dict(nets)
+    except RuntimeError as e:
+        raise ValueError(f"init_weights: {path} holds networks of another architecture (generator/"
+                         f"discriminator filters, levels and model must match this run's): {e}") from None
+
+
 def _use_bf16(device: torch.device, precision: str = "auto") -> bool:
     if precision != "auto":
         return precision == "bf16"
@@ -83,6 +97,8 @@ def train_translation(source_images: list, source_labels: list, target_images: l
     rng = np.random.default_rng(cfg.seed)
     model = build_model(cfg, device, g, use_bf16=_use_bf16(device, cfg.precision))
     start = 0
+    if cfg.init_weights and not ckpt_path.exists():
+        _init_networks(model, Path(cfg.init_weights), device)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_checkpoint_state(ckpt["model"])
