@@ -195,6 +195,19 @@ def test_pseudo_label_drops_unconfident_voxels_and_stray_components():
     assert conf == pytest.approx(0.95)
 
 
+def test_pseudo_label_without_a_cochlea_is_a_failed_prediction():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+
+    probs = np.zeros((3, 4, 10, 10), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:3, 2:6, 2:6] = np.array([0.05, 0.95, 0.0])[:, None, None, None]  # a confident VS, no cochlea
+    assert pseudo_label(probs, PseudoLabelConfig(min_cochlea_voxels=0))[1] == pytest.approx(0.95)
+    assert pseudo_label(probs, PseudoLabelConfig(min_cochlea_voxels=5))[1] == 0.0
+    probs[:, 0, 7:9, 7:9] = np.array([0.1, 0.0, 0.9])[:, None, None]  # 4 cochlea voxels
+    assert pseudo_label(probs, PseudoLabelConfig(min_cochlea_voxels=5))[1] == 0.0
+    assert pseudo_label(probs, PseudoLabelConfig(min_cochlea_voxels=4))[1] > 0.9
+
+
 def test_pseudo_label_crops_are_selected_by_case_confidence():
     from training.pseudo_labels import PseudoLabelConfig, select_confident
 
@@ -326,6 +339,8 @@ def test_pipeline_fakes_every_snapshot_and_adds_tumour_augmented_copies(method_a
     assert info["snapshots"] == [1, 2]
     with np.load(sorted((out / "translate_crops" / "fake").glob("*.npz"))[0]) as z:
         assert len(z["images"]) >= 2 * 2  # 2 ears × 1 jitter × 2 snapshots (+ augmented copies)
+    n_copies = tiny_config()["translation"].get("random_contrast_copies", 0)
+    assert info["random_contrast_copies"] == 2 * n_copies * len(list((out / "translate_crops" / "fake").glob("*.npz")))
 
 
 def test_pseudo_labels_cover_every_located_real_hrt2_ear(method_a_run):

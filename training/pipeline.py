@@ -76,7 +76,7 @@ _STAGE_KEYS = {
     "localiser": ["localiser.train", "localiser.random_contrast_copies", "localiser.self_training"],
     "target_crops": [],
     "translate_crops": ["translation.crops", "translation.crop_snapshots", "translation.tumour_augmentation",
-                        "translation.crops_init_from_localiser"],
+                        "translation.crops_init_from_localiser", "translation.random_contrast_copies"],
     "segment": ["members", "data.folds", "data.select_folds"],
     "pseudo_labels": ["pseudo_labels", "fusion"],
     "self_train": ["self_training"],
@@ -463,8 +463,10 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
     snaps = _snapshots(translator, tcfg.get("crop_snapshots", "all"))
     aug = tcfg.get("tumour_augmentation", {})
     rng = np.random.default_rng([run.cfg.get("seed", 0), 2])
+    n_copies = int(tcfg.get("random_contrast_copies", 0))
+    rng_contrast = np.random.default_rng([run.cfg.get("seed", 0), 4])
     (d / "fake").mkdir(exist_ok=True)
-    n_aug = 0
+    n_aug = n_contrast = 0
     for case_id, arrays in tqdm(src, desc="fake hrT2 crops", disable=not run.progress):
         out = d / "fake" / f"{case_id}.npz"
         if out.exists():
@@ -483,8 +485,14 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
                                                            ).astype(np.float16))
                     labels.append(lab)
                     n_aug += 1
+            # Domain randomisation, as for the localiser: the ceT1 crop through random intensity curves, so
+            # the members also learn anatomy under contrasts the translator does not produce.
+            for _ in range(n_copies):
+                images.append(random_contrast(img, rng_contrast))
+                labels.append(lab)
+                n_contrast += 1
         _save_npz(out, images=np.stack(images), labels=np.stack(labels))
-    return {"snapshots": snaps, "tumour_augmented_copies": n_aug}
+    return {"snapshots": snaps, "tumour_augmented_copies": n_aug, "random_contrast_copies": n_contrast}
 
 
 def _fake_crops_by_case(run: Run) -> list[tuple[str, list]]:

@@ -7,6 +7,7 @@ methods clean their outputs and filtered by confidence:
   set to background (a false background costs less than a false tumour in the retrained network);
 - connected components: only the largest VS and the largest cochlea component of the crop are kept
   (a crop holds one ear), and a VS smaller than ``min_vs_voxels`` is dropped;
+- a crop whose label map has (almost) no cochlea is a failed prediction (``min_cochlea_voxels``);
 - case confidence: the mean fused probability of the predicted class over the predicted foreground;
   crops below ``min_case_confidence`` are not used, and at most the ``keep_fraction`` most confident
   crops are.
@@ -36,6 +37,9 @@ class PseudoLabelConfig:
     keep_fraction: float = 1.0
     keep_largest: bool = True
     min_vs_voxels: int = 20
+    # Every ear crop holds a cochlea (the localiser centred it there): a label map with fewer cochlea voxels
+    # than this is a failed prediction, and its crop gets confidence 0 (never used). 0 = no such check.
+    min_cochlea_voxels: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +86,8 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray,
         labels[mask & ~keep] = 0
     fg = labels > 0
     confidence = float(top[fg].mean()) if fg.any() else 0.0
+    if (labels == COCHLEA).sum() < cfg.min_cochlea_voxels:
+        confidence = 0.0
     return labels, confidence
 
 
