@@ -208,6 +208,19 @@ def test_pseudo_label_without_a_cochlea_is_a_failed_prediction():
     assert pseudo_label(probs, PseudoLabelConfig(min_cochlea_voxels=4))[1] > 0.9
 
 
+def test_pseudo_label_can_drop_a_vs_touching_the_medial_face_of_the_crop():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+
+    probs = np.zeros((3, 4, 12, 12), np.float32)
+    probs[0] = 1.0
+    probs[:, :, 2:9, 0:5] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # large, on the medial face (x = 0)
+    probs[:, 1:3, 3:6, 7:10] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # smaller, inside the crop
+    plain, _ = pseudo_label(probs, PseudoLabelConfig(min_vs_voxels=1))
+    assert plain[:, :, 0].any() and not plain[1, 4, 8]  # the largest component wins
+    checked, _ = pseudo_label(probs, PseudoLabelConfig(min_vs_voxels=1, vs_exclude_medial_border=True))
+    assert not (checked[..., 0:5] == 1).any() and (checked == 1).sum() == 2 * 3 * 3
+
+
 def test_pseudo_label_crops_are_selected_by_case_confidence():
     from training.pseudo_labels import PseudoLabelConfig, select_confident
 

@@ -40,6 +40,10 @@ class PseudoLabelConfig:
     # Every ear crop holds a cochlea (the localiser centred it there): a label map with fewer cochlea voxels
     # than this is a failed prediction, and its crop gets confidence 0 (never used). 0 = no such check.
     min_cochlea_voxels: int = 0
+    # Anatomical check (not yet measured in the benchmark, off by default): a VS grows from the internal
+    # auditory canal, ~16-35 mm medial of the cochlea, so a "VS" component touching the crop's medial face
+    # (x index 0: the engine mirrors right ears, so medial is x = 0 on both sides) is brainstem/cerebellum.
+    vs_exclude_medial_border: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +84,11 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray,
         mask = labels == c
         if not mask.any():
             continue
+        if c == VS and cfg.vs_exclude_medial_border:
+            comps = cc3d.connected_components(mask, connectivity=26)
+            medial = np.unique(comps[..., 0])
+            mask = mask & ~np.isin(comps, medial[medial > 0])
+            labels[(labels == VS) & ~mask] = 0
         keep = _largest_component(mask) if cfg.keep_largest else mask
         if c == VS and keep.sum() < cfg.min_vs_voxels:
             keep = np.zeros_like(mask)
