@@ -450,6 +450,12 @@ def test_random_contrast_keeps_air_dark_and_changes_the_head():
     assert out[0, 0, 0] == 0.0 and not np.allclose(out[:, 5:15, 5:15], vol[:, 5:15, 5:15], atol=0.05)
 
 
+def _ears_8mm_from_grid_centre(prob, volume, grid):
+    """Stand-in for ears_from_probabilities: both ears found, 8 mm either side of the grid centre."""
+    centre = grid.index_to_lps(((np.array(grid.shape_zyx[::-1]) - 1) / 2)[None])[0]
+    return EarLocations({"left": centre + [8.0, 0, 0], "right": centre - [8.0, 0, 0]}, centre, np.array([1.0, 0, 0]))
+
+
 def test_localiser_pseudo_labels_keep_only_scans_with_both_ears_found(method_a_run, uda_data, monkeypatch):
     """Self-training of the localiser: a real hrT2 scan is pseudo-labelled only when the localiser found both
     ears itself; the target puts the inner-ear balls where it found them."""
@@ -462,10 +468,8 @@ def test_localiser_pseudo_labels_keep_only_scans_with_both_ears_found(method_a_r
     outcomes = iter(["both", "mirrored"])
 
     def found(prob, volume, grid):
-        outcome = next(outcomes)
-        centre = grid.index_to_lps(((np.array(grid.shape_zyx[::-1]) - 1) / 2)[None])[0]
-        ears = EarLocations({"left": centre + [8.0, 0, 0], "right": centre - [8.0, 0, 0]}, centre, np.array([1.0, 0, 0]))
-        if outcome == "mirrored":
+        ears = _ears_8mm_from_grid_centre(prob, volume, grid)
+        if next(outcomes) == "mirrored":
             ears.mirrored["right"] = True
         return ears
 
@@ -497,11 +501,7 @@ def test_localiser_stage_fine_tunes_on_pseudo_labelled_real_hrt2(method_a_run, u
     cfg = tiny_config()
     cfg["localiser"]["self_training"] = {"iterations": 3}
 
-    def both(prob, volume, grid):
-        centre = grid.index_to_lps(((np.array(grid.shape_zyx[::-1]) - 1) / 2)[None])[0]
-        return EarLocations({"left": centre + [8.0, 0, 0], "right": centre - [8.0, 0, 0]}, centre, np.array([1.0, 0, 0]))
-
-    monkeypatch.setattr(pipeline, "ears_from_probabilities", both)
+    monkeypatch.setattr(pipeline, "ears_from_probabilities", _ears_8mm_from_grid_centre)
     run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
     done = run.stage("localiser", lambda d: pipeline.stage_localiser(run, d))
     assert done["info"]["pseudo_labelled_scans"] == 2

@@ -208,8 +208,12 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 def _load_net(network: dict, weights: Path) -> torch.nn.Module:
+    return _net_from_state(network, load_file(str(weights)))
+
+
+def _net_from_state(network: dict, state: dict) -> torch.nn.Module:
     net = build_network(NetworkSpec.from_dict(network, source="training config"))
-    load_inference_state_dict(net, load_file(str(weights)))
+    load_inference_state_dict(net, state)
     return net.eval()
 
 
@@ -357,9 +361,7 @@ def stage_localiser(run: Run, d: Path) -> dict:
     info = {}
     st = run.cfg["localiser"].get("self_training")
     if st:
-        net = build_network(tcfg.network_spec)
-        load_inference_state_dict(net, sd)
-        pseudo, info = localiser_pseudo_targets(run, net.eval())
+        pseudo, info = localiser_pseudo_targets(run, _net_from_state(tcfg.network, sd))
         if pseudo:
             tuned = TrainConfig(**{**run.cfg["localiser"]["train"], "iterations": int(st["iterations"]),
                                    "learning_rate": float(st.get("learning_rate", tcfg.learning_rate)),
@@ -385,9 +387,12 @@ def localiser_pseudo_targets(run: Run, net: torch.nn.Module) -> tuple[list, dict
                                             disable=not run.progress):
         v = _f32(vol)
         probs = predict_softmax(net, v, spec.patch_size_zyx, torch.device("cpu"))
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(image_path)
-        grid = localiser_grid(sitk.Cast(reader.Execute(), sitk.sitkFloat32), spec)
+        # The grid needs the scan's geometry only: read its header, not its voxels (the reader has the
+        # same GetOrigin/GetSpacing/GetSize/GetDirection that GridSpec.of_image uses).
+        header = sitk.ImageFileReader()
+        header.SetFileName(image_path)
+        header.ReadImageInformation()
+        grid = localiser_grid(header, spec)
         try:
             ears = ears_from_probabilities(probs[2], v, grid)
         except InputError:
@@ -456,8 +461,7 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
     src_labs = [lab for _, a in src for _, lab in a["crops"]]
     crops_cfg = dict(tcfg["crops"])
     if tcfg.get("crops_init_from_localiser"):
-        # Fine-tune the 2 mm translator at 0.5 mm: the contrast mapping it learnt carries over, and the
-        # crop translator otherwise needs several times more iterations to find it (docs/training.md).
+        # Fine-tune the 2 mm translator at 0.5 mm (measured: no help at phantom-cpu budgets, docs/training.md).
         crops_cfg["init_weights"] = str(run.out / "translate_localiser" / "translator")
     translator = _train_translator(run, d, src_imgs, src_labs, [c for _, c in _target_crops(run)], crops_cfg)
     snaps = _snapshots(translator, tcfg.get("crop_snapshots", "all"))
