@@ -208,17 +208,27 @@ def test_pseudo_label_without_a_cochlea_is_a_failed_prediction():
     assert pseudo_label(probs, PseudoLabelConfig(min_cochlea_voxels=4))[1] > 0.9
 
 
-def test_pseudo_label_can_drop_a_vs_touching_the_medial_face_of_the_crop():
+def test_pseudo_label_drops_vs_components_far_from_the_cochlea():
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label
 
-    probs = np.zeros((3, 4, 12, 12), np.float32)
+    probs = np.zeros((3, 4, 24, 24), np.float32)
     probs[0] = 1.0
-    probs[:, :, 2:9, 0:5] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # large, on the medial face (x = 0)
-    probs[:, 1:3, 3:6, 7:10] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # smaller, inside the crop
+    probs[:, 1:3, 10:13, 20:23] = np.array([0.1, 0.0, 0.9])[:, None, None, None]  # cochlea, lateral (x 20-22)
+    probs[:, :, 2:12, 0:6] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # large "VS", far medial (x 0-5)
+    probs[:, 1:3, 10:13, 14:17] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # small VS, 3 voxels from it
     plain, _ = pseudo_label(probs, PseudoLabelConfig(min_vs_voxels=1))
-    assert plain[:, :, 0].any() and not plain[1, 4, 8]  # the largest component wins
-    checked, _ = pseudo_label(probs, PseudoLabelConfig(min_vs_voxels=1, vs_exclude_medial_border=True))
-    assert not (checked[..., 0:5] == 1).any() and (checked == 1).sum() == 2 * 3 * 3
+    assert plain[:, :, 0].any() and not plain[1, 11, 15]  # the largest component wins
+    # 0.5 mm voxels in-plane: the small VS is 2 mm from the cochlea, the large one 7.5 mm.
+    cfg = PseudoLabelConfig(min_vs_voxels=1, vs_max_distance_to_cochlea_mm=4.0, spacing_zyx_mm=(1.0, 0.5, 0.5))
+    checked, _ = pseudo_label(probs, cfg)
+    assert (checked == 1).sum() == 2 * 3 * 3 and checked[1, 11, 15] == 1 and (checked == 2).sum() == 2 * 3 * 3
+    far, _ = pseudo_label(probs, PseudoLabelConfig(min_vs_voxels=1, vs_max_distance_to_cochlea_mm=8.0,
+                                                   spacing_zyx_mm=(1.0, 0.5, 0.5)))
+    assert far[:, :, 0].any()  # both pass at 8 mm: the largest is kept again
+    probs[2] = 0.0
+    probs[0] = 1.0 - probs[1]
+    no_cochlea, _ = pseudo_label(probs, cfg)
+    assert not (no_cochlea == 1).any()  # no cochlea, no anchor: no VS either
 
 
 def test_pseudo_label_crops_are_selected_by_case_confidence():
@@ -448,6 +458,24 @@ def test_random_contrast_keeps_air_dark_and_changes_the_head():
     vol[:, 5:15, 5:15] = np.linspace(0.1, 1.4, 100).reshape(10, 10)
     out = random_contrast(vol, np.random.default_rng(0)).astype(np.float32)
     assert out[0, 0, 0] == 0.0 and not np.allclose(out[:, 5:15, 5:15], vol[:, 5:15, 5:15], atol=0.05)
+
+
+def test_patch_sampler_randomises_contrast_of_the_configured_share_of_patches():
+    from training.segmentation import PatchSampler, TrainConfig
+
+    img = np.zeros((4, 16, 16), np.float32)
+    img[:, 4:12, 4:12] = np.linspace(0.1, 1.4, 64).reshape(8, 8)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[1:3, 6:9, 6:9] = 1
+
+    def changed(p):
+        cfg = TrainConfig(network={}, patch_size_zyx=[4, 16, 16], batch_size=40, random_contrast_probability=p,
+                          oversample_vs=0.0, oversample_cochlea=0.0)
+        x, y = PatchSampler([(img, lab)], cfg, np.random.default_rng(0)).batch()
+        assert (y[:, 0] == 1).sum() == 40 * 2 * 3 * 3  # labels are never touched
+        return sum(not np.allclose(xi[0].numpy(), img, atol=1e-2) for xi in x)
+
+    assert changed(0.0) == 0 and changed(1.0) == 40 and 5 < changed(0.5) < 35
 
 
 def _ears_8mm_from_grid_centre(prob, volume, grid):

@@ -2,11 +2,13 @@
 
 Spatial variety comes from the data itself (phantoms vary pose, obliquity and spacing; real data
 varies anyway) and from random crop positions; these transforms vary contrast, brightness, gamma,
-blur and noise, which is what scanner-to-scanner differences in hrT2 look like.
+blur and noise, which is what scanner-to-scanner differences in hrT2 look like. ``random_contrast``
+(NumPy, on volumes or patches) is domain randomisation: the anatomy under a random intensity curve.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,3 +49,24 @@ def augment_intensity(x: torch.Tensor, g: torch.Generator, p: float = 0.15) -> t
             xi = xi.clamp(min=0) ** (0.7 + 0.8 * r())
         out.append(xi[0])
     return torch.stack(out)
+
+
+def head_mask(volume_zyx: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """The head (z, y, x) of an engine-normalised volume: voxels above ``threshold``, holes filled per slice,
+    grown by one voxel."""
+    from scipy.ndimage import binary_dilation, binary_fill_holes
+
+    mask = np.asarray(volume_zyx, np.float32) > threshold
+    mask = np.stack([binary_fill_holes(s) for s in mask]) if mask.ndim == 3 else binary_fill_holes(mask)
+    return binary_dilation(mask, iterations=1)
+
+
+def random_contrast(volume_zyx: np.ndarray, rng: np.random.Generator, knots: int = 7) -> np.ndarray:
+    """``volume`` (engine-normalised, (z, y, x) or (y, x)) through a random piecewise-linear intensity curve
+    (knots evenly spaced on [0, 1.5], values uniform in [0, 1]; air stays 0, head voxels get random, possibly
+    non-monotonic contrast), as float16: domain randomisation, so a network keys on anatomy's shape rather
+    than on one contrast (in the spirit of SynthSeg, Billot et al. 2023)."""
+    v = np.asarray(volume_zyx, np.float32)
+    xs = np.linspace(0.0, 1.5, knots)
+    ys = np.concatenate([[0.0], rng.uniform(0.0, 1.0, knots - 1)])
+    return np.where(head_mask(v), np.interp(v, xs, ys), 0.0).astype(np.float16)

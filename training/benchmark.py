@@ -91,13 +91,20 @@ def make_data(work: Path, bench: dict, workers: int = 2, progress: bool = True) 
 # Variants that are not a plain pipeline run
 # --------------------------------------------------------------------------------------------------
 
+def _plain_members(cfg: dict) -> list:
+    """The config's members without domain randomisation (an adaptation technique, not a baseline's):
+    the no-adaptation and oracle baselines are plain nnU-Net-style training."""
+    return [{**m, "train": {k: v for k, v in m["train"].items() if k != "random_contrast_probability"}}
+            for m in cfg["members"]]
+
+
 def train_no_adaptation(run_a: pipeline.Run, out: Path, cfg: dict, progress: bool) -> tuple[Path, float]:
     """Members trained on the real ceT1 crops of the method-a run; exported with its localiser."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     arrays = [c for _, a in pipeline._source_cases(run_a) for c in a["crops"]]
     members = []
-    for m in cfg["members"]:
+    for m in _plain_members(cfg):
         path = out / f"{m['name']}.safetensors"
         if not path.exists():
             sd = train_network(arrays, TrainConfig(**{**m["train"], "threads": cfg.get("threads")}), out, m["name"],
@@ -119,7 +126,7 @@ def train_oracle(data: Path, out: Path, cfg: dict) -> tuple[Path, float]:
 
     ocfg = {**cfg, "modality": "hrT2", "name": cfg["name"] + "-oracle",
             "provenance": {**cfg.get("provenance", {}), "hrT2_labels_used": True, "method": "oracle"}}
-    ocfg["members"] = [{**m, "train": {**m["train"], "threads": cfg.get("threads")}} for m in cfg["members"]]
+    ocfg["members"] = [{**m, "train": {**m["train"], "threads": cfg.get("threads")}} for m in _plain_members(cfg)]
     t0 = time.time()
     model = train_all(data, out, ocfg, out / "model", overwrite=True)
     minutes_file = out / "oracle_minutes.json"

@@ -59,6 +59,7 @@ from VSCochleaSegLib.networks import build_network, load_inference_state_dict
 from VSCochleaSegLib.normalisation import IntensityScale, fit_intensity_scale
 
 from . import distributed
+from .augment import head_mask, random_contrast
 from .cases import list_cases
 from .mean_teacher import MeanTeacherConfig, train_mean_teacher
 from .pseudo_labels import EnsembleMember, PseudoLabelConfig, pseudo_label_crops
@@ -287,16 +288,6 @@ def _train_translator(run: Run, d: Path, source_images, source_labels, target_im
                              d / "translator", run.progress)
 
 
-def head_mask(volume_zyx: np.ndarray, threshold: float = 0.05) -> np.ndarray:
-    """The head (z, y, x) of an engine-normalised volume: voxels above ``threshold``, holes filled per slice,
-    grown by one voxel."""
-    from scipy.ndimage import binary_dilation, binary_fill_holes
-
-    mask = np.asarray(volume_zyx, np.float32) > threshold
-    mask = np.stack([binary_fill_holes(s) for s in mask])
-    return binary_dilation(mask, iterations=1)
-
-
 def translate_in_head(translator: TranslatorLike, source_zyx: np.ndarray, snapshot) -> np.ndarray:
     """Fake hrT2 of ``source_zyx``; outside the source's head it is air (0), as on every normalised scan.
     Uses only the source image: an unconverged generator's grey background must not teach the networks
@@ -334,16 +325,6 @@ def _fake_localiser_arrays(run: Run) -> list:
         with np.load(p) as z:
             out += [(img, z["labels"]) for img in z["images"]]
     return out
-
-
-def random_contrast(volume_zyx: np.ndarray, rng: np.random.Generator, knots: int = 7) -> np.ndarray:
-    """``volume`` through a random piecewise-linear intensity curve (air stays 0, head voxels get random,
-    possibly non-monotonic contrast): domain randomisation, so the localiser keys on anatomy's shape
-    rather than on one contrast (in the spirit of SynthSeg, Billot et al. 2023)."""
-    v = _f32(volume_zyx)
-    xs = np.linspace(0.0, 1.5, knots)
-    ys = np.concatenate([[0.0], rng.uniform(0.0, 1.0, knots - 1)])
-    return np.where(head_mask(v), np.interp(v, xs, ys), 0.0).astype(np.float16)
 
 
 def stage_localiser(run: Run, d: Path) -> dict:
@@ -587,7 +568,8 @@ def stage_pseudo_labels(run: Run, d: Path) -> dict:
     members = [EnsembleMember(_load_net(m["train"]["network"], m["path"]), m["train"]["patch_size_zyx"], m["weight"])
                for m in _selected_members(run, "segment")]
     crops = _target_crops(run)
-    pcfg = PseudoLabelConfig(**run.cfg.get("pseudo_labels", {}))
+    spacing_zyx = tuple(float(s) for s in run.cfg["segmentation_spacing_xyz_mm"][::-1])
+    pcfg = PseudoLabelConfig(**{"spacing_zyx_mm": spacing_zyx, **run.cfg.get("pseudo_labels", {})})
     selected, records = pseudo_label_crops(members, [c for _, c in crops], pcfg, run.cfg.get("fusion", "mean"),
                                            run.progress)
     keep = [r["crop"] for r in records if r["used"]]

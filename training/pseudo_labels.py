@@ -5,8 +5,10 @@ methods clean their outputs and filtered by confidence:
 
 - voxel confidence: a foreground voxel whose fused probability is below ``min_voxel_confidence`` is
   set to background (a false background costs less than a false tumour in the retrained network);
-- connected components: only the largest VS and the largest cochlea component of the crop are kept
-  (a crop holds one ear), and a VS smaller than ``min_vs_voxels`` is dropped;
+- connected components: only the largest cochlea component of the crop is kept (a crop holds one ear);
+  a "VS" component farther than ``vs_max_distance_to_cochlea_mm`` from that cochlea is not a tumour of
+  this ear's internal auditory canal and is dropped, then the largest VS left is kept, and dropped if
+  smaller than ``min_vs_voxels``;
 - a crop whose label map has (almost) no cochlea is a failed prediction (``min_cochlea_voxels``);
 - case confidence: the mean fused probability of the predicted class over the predicted foreground;
   crops below ``min_case_confidence`` are not used, and at most the ``keep_fraction`` most confident
@@ -23,6 +25,7 @@ from typing import Sequence
 import cc3d
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from VSCochleaSegLib.fusion import FUSERS
@@ -40,10 +43,12 @@ class PseudoLabelConfig:
     # Every ear crop holds a cochlea (the localiser centred it there): a label map with fewer cochlea voxels
     # than this is a failed prediction, and its crop gets confidence 0 (never used). 0 = no such check.
     min_cochlea_voxels: int = 0
-    # Anatomical check (measured: no effect on the phantom benchmark, so off by default): a VS grows from the internal
-    # auditory canal, ~16-35 mm medial of the cochlea, so a "VS" component touching the crop's medial face
-    # (x index 0: the engine mirrors right ears, so medial is x = 0 on both sides) is brainstem/cerebellum.
-    vs_exclude_medial_border: bool = False
+    # Anatomical check: a VS grows from the internal auditory canal, whose fundus abuts the cochlea (on the
+    # 32 source ceT1 label maps of the benchmark every VS comes within 6.6 mm of its cochlea), so a "VS"
+    # component whose nearest voxel is farther than this from the crop's cochlea is brainstem, cerebellum or
+    # vessel. 0 = no check. Needs ``spacing_zyx_mm``, the crops' voxel size (the pipeline sets it).
+    vs_max_distance_to_cochlea_mm: float = 0.0
+    spacing_zyx_mm: tuple = (1.0, 1.0, 1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,19 +80,29 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return comps == counts.argmax()
 
 
+def _near(anchor: np.ndarray, mask: np.ndarray, max_mm: float, spacing_zyx_mm) -> np.ndarray:
+    """The connected components of ``mask`` with a voxel within ``max_mm`` (mm, Euclidean) of ``anchor``;
+    nothing when ``anchor`` is empty."""
+    if not anchor.any():
+        return np.zeros_like(mask)
+    distance = ndimage.distance_transform_edt(~anchor, sampling=spacing_zyx_mm)
+    comps = cc3d.connected_components(mask, connectivity=26)
+    near = np.unique(comps[(comps > 0) & (distance <= max_mm)])
+    return np.isin(comps, near)
+
+
 def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray, float]:
     """(labels uint8 (z, y, x), case confidence in [0, 1]) from fused probabilities (C, z, y, x)."""
     labels = probs.argmax(0).astype(np.uint8)
     top = probs.max(0)
     labels[(labels > 0) & (top < cfg.min_voxel_confidence)] = 0
-    for c in (VS, COCHLEA):
+    for c in (COCHLEA, VS):
         mask = labels == c
         if not mask.any():
             continue
-        if c == VS and cfg.vs_exclude_medial_border:
-            comps = cc3d.connected_components(mask, connectivity=26)
-            labels[np.isin(comps, np.setdiff1d(comps[..., 0], [0]))] = 0
-            mask = labels == c
+        if c == VS and cfg.vs_max_distance_to_cochlea_mm > 0:
+            mask = mask & _near(labels == COCHLEA, mask, cfg.vs_max_distance_to_cochlea_mm, cfg.spacing_zyx_mm)
+            labels[(labels == c) & ~mask] = 0
         keep = _largest_component(mask) if cfg.keep_largest else mask
         if c == VS and keep.sum() < cfg.min_vs_voxels:
             keep = np.zeros_like(mask)

@@ -25,7 +25,7 @@ from VSCochleaSegLib.model_folder import NetworkSpec
 from VSCochleaSegLib.networks import build_network, inference_state_dict
 
 from . import distributed
-from .augment import augment_intensity
+from .augment import augment_intensity, random_contrast
 
 
 @dataclass
@@ -42,6 +42,9 @@ class TrainConfig:
     oversample_vs: float = 0.33
     oversample_cochlea: float = 0.17
     augment_probability: float = 0.15
+    # Domain randomisation: share of training patches passed through a fresh random intensity curve
+    # (``augment.random_contrast``) before the nnU-Net intensity augmentation; 0 = off (plain nnU-Net).
+    random_contrast_probability: float = 0.0
     # Per-class weights of the cross-entropy and Dice terms (background, VS, cochlea); None = equal.
     class_weights: list | None = None
     checkpoint_every: int = 100
@@ -95,6 +98,8 @@ class PatchSampler:
                 pi, pl = _random_patch(img[z], lab[z], self.cfg.patch_size_zyx, self.rng, None if centre is None else centre[1:])
             else:
                 pi, pl = _random_patch(img, lab, self.cfg.patch_size_zyx, self.rng, centre)
+            if self.cfg.random_contrast_probability and self.rng.random() < self.cfg.random_contrast_probability:
+                pi = random_contrast(pi, self.rng).astype(np.float32)
             imgs.append(pi)
             labs.append(pl)
         return torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
