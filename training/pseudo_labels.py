@@ -101,8 +101,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray,
         if not mask.any():
             continue
         if c == VS and cfg.vs_max_distance_to_cochlea_mm > 0:
-            mask = mask & _near(labels == COCHLEA, mask, cfg.vs_max_distance_to_cochlea_mm, cfg.spacing_zyx_mm)
-            labels[(labels == c) & ~mask] = 0
+            near = _near(labels == COCHLEA, mask, cfg.vs_max_distance_to_cochlea_mm, cfg.spacing_zyx_mm)
+            labels[mask & ~near] = 0
+            mask = near
         keep = _largest_component(mask) if cfg.keep_largest else mask
         if c == VS and keep.sum() < cfg.min_vs_voxels:
             keep = np.zeros_like(mask)
