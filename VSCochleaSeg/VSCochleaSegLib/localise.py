@@ -1,10 +1,11 @@
 """Find both inner ears on the whole scan with the model's coarse localiser network.
 
 The scan is resampled onto an LPS-aligned grid at the localiser's spacing (2 mm in the bundled model),
-the localiser labels VS and cochlea coarsely, and the most probable cochlea component on each side of
-the head gives that ear's centre (LPS mm). Left and right are split at the head's centre of mass in x
-(LPS x → patient left). If only one ear is found, the other is mirrored across the midline and flagged;
-if neither is found the field of view does not hold the inner ears and the scan is refused.
+the localiser labels VS and cochlea coarsely, and the strongest anatomically plausible pair of cochlea
+components (50-100 mm apart, within 20° of left-right) gives both ears' centres (LPS mm; LPS x → patient
+left). Without such a pair the strongest detection is kept and the other ear is a weak peak near its mirror
+image across the head's midline, or the mirror image itself (flagged); if nothing is found the field of view
+does not hold the inner ears and the scan is refused.
 Measured choice (docs/localisation.md): a learned 2 mm localiser instead of atlas registration, because it
 needs no registration (≈1 s on CPU) and copes with any head pose the training data covers.
 """
@@ -28,6 +29,10 @@ from .normalisation import IntensityScale
 
 SIDE_SIGN = {"left": 1.0, "right": -1.0}
 _MIN_COCHLEA_PROBABILITY_MASS = 2.0  # voxels × probability at 2 mm: below this it is noise
+_INTERCOCHLEAR_MM = (50.0, 100.0)  # centre-to-centre distance of the two cochleae, adults
+_MAX_PAIR_TILT_DEG = 20.0  # angle between the cochlea-to-cochlea line and the LPS x axis
+_MIRROR_SEARCH_RADIUS_MM = 15.0
+_WEAK_PROBABILITY = 0.2
 
 
 @dataclass
@@ -67,45 +72,92 @@ def localise_ears(
 
 
 def ears_from_probabilities(cochlea_prob_zyx: np.ndarray, volume_zyx: np.ndarray, grid: GridSpec) -> EarLocations:
-    """Pick the strongest cochlea component on each side of the head's midline."""
+    """Both cochlea centres (LPS mm) from the localiser's cochlea probability on ``grid`` ((z, y, x) arrays).
+
+    Candidates are the components of probability > 0.5. The answer is the strongest anatomically plausible
+    pair (:func:`plausible_cochlea_pair`): a false detection (a bright spot in the CPA cistern, a vessel, a
+    structure behind the petrous bone) rarely has a partner at the other ear's place. Without such a pair
+    the strongest candidate is kept, the other ear is looked for as a weak probability peak (> 0.2) within
+    15 mm of its mirror image across the head's midline, and failing that it is the mirror image (flagged).
+    """
     head = volume_zyx > 0.05
     if not head.any():
         raise InputError("The scan looks empty after normalisation; check it is an hrT2 head scan.")
     x_index = np.nonzero(head)[2].mean()
     midline_x = float(grid.index_to_lps(np.array([[x_index, 0.0, 0.0]]))[0, 0])
-    comps = cc3d.connected_components(cochlea_prob_zyx > 0.5, connectivity=26)
-    best: dict = {}
-    for cid in range(1, int(comps.max()) + 1):
-        zyx = np.argwhere(comps == cid)
-        w = cochlea_prob_zyx[comps == cid]
-        mass = float(w.sum())
-        if mass < _MIN_COCHLEA_PROBABILITY_MASS:
-            continue
-        centre_zyx = (zyx * w[:, None]).sum(0) / w.sum()
-        centre = grid.index_to_lps(centre_zyx[::-1][None])[0]
-        side = "left" if centre[0] > midline_x else "right"
-        if side not in best or mass > best[side][1]:
-            best[side] = (centre, mass)
-    if not best:
+    candidates = _probability_components(cochlea_prob_zyx, 0.5, grid, _MIN_COCHLEA_PROBABILITY_MASS)
+    if not candidates:
         raise InputError(
             "No inner ear was found in this scan. The field of view must contain both internal auditory "
             "canals and cochleae (a posterior-fossa hrT2 such as CISS or FIESTA); check the scan and the series."
         )
+    pairs = [(a[1] + b[1], a[0], b[0]) for a in candidates for b in candidates
+             if a[0][0] > b[0][0] and plausible_cochlea_pair(a[0], b[0])]
     mirrored, warnings = {}, []
-    cochlea = {side: c for side, (c, _) in best.items()}
-    for side, other in (("left", "right"), ("right", "left")):
-        if side not in cochlea:
-            c = cochlea[other].copy()
-            c[0] = 2 * midline_x - c[0]
-            cochlea[side] = c
-            mirrored[side] = True
-            warnings.append(f"The {side} inner ear was not found; its position was mirrored from the {other} ear.")
+    if pairs:
+        _, left, right = max(pairs, key=lambda p: p[0])
+        cochlea = {"left": left, "right": right}
+    else:
+        found = max(candidates, key=lambda c: c[1])[0]
+        side, other = ("left", "right") if found[0] > midline_x else ("right", "left")
+        mirror = found.copy()
+        mirror[0] = 2 * midline_x - found[0]
+        weak = _weak_peak_near(cochlea_prob_zyx, grid, mirror, found)
+        cochlea = {side: found, other: weak if weak is not None else mirror}
+        if weak is None:
+            mirrored[other] = True
+            warnings.append(f"The {other} inner ear was not found; its position was mirrored from the {side} ear.")
+        else:
+            warnings.append(f"The {other} inner ear was only weakly detected; check its segmentation.")
     left_axis = cochlea["left"] - cochlea["right"]
     left_axis = left_axis / max(np.linalg.norm(left_axis), 1e-6)
-    if left_axis[0] < 0.5:  # the two detections do not lie left and right of each other: fall back to LPS x
+    if left_axis[0] < 0.5:  # the two positions do not lie left and right of each other: fall back to LPS x
         left_axis = np.array([1.0, 0.0, 0.0])
     midline = (cochlea["left"] + cochlea["right"]) / 2
     return EarLocations(cochlea, midline, left_axis, mirrored, warnings)
+
+
+def plausible_cochlea_pair(left_lps: np.ndarray, right_lps: np.ndarray) -> bool:
+    """Could these two points (LPS mm) be the left and right cochlea of one adult head?
+
+    The cochleae lie 50-100 mm apart (about 60-75 mm in adults) on a line within 20° of the left-right axis
+    (head roll and yaw in a head coil stay well below that)."""
+    d = np.asarray(left_lps, float) - np.asarray(right_lps, float)
+    dist = float(np.linalg.norm(d))
+    if not _INTERCOCHLEAR_MM[0] <= dist <= _INTERCOCHLEAR_MM[1]:
+        return False
+    return bool(d[0] > 0 and np.degrees(np.arccos(min(1.0, d[0] / dist))) <= _MAX_PAIR_TILT_DEG)
+
+
+def _probability_components(prob_zyx: np.ndarray, threshold: float, grid: GridSpec, min_mass: float,
+                            within: np.ndarray | None = None) -> list[tuple[np.ndarray, float]]:
+    """[(probability-weighted centre LPS mm, mass = Σ probability)] of the components of ``prob > threshold``
+    (inside the boolean mask ``within`` if given) with at least ``min_mass``."""
+    mask = prob_zyx > threshold
+    if within is not None:
+        mask &= within
+    comps = cc3d.connected_components(mask, connectivity=26)
+    out = []
+    for cid in range(1, int(comps.max()) + 1):
+        sel = comps == cid
+        w = prob_zyx[sel]
+        if float(w.sum()) < min_mass:
+            continue
+        centre_zyx = (np.argwhere(sel) * w[:, None]).sum(0) / w.sum()
+        out.append((grid.index_to_lps(centre_zyx[::-1][None])[0], float(w.sum())))
+    return out
+
+
+def _weak_peak_near(prob_zyx: np.ndarray, grid: GridSpec, centre_lps: np.ndarray, partner_lps: np.ndarray):
+    """The strongest component of probability > 0.2 within 15 mm of ``centre_lps`` that pairs plausibly with
+    ``partner_lps``, as its LPS centre, or None."""
+    z, y, x = np.indices(prob_zyx.shape)
+    pts = grid.index_to_lps(np.stack([x.ravel(), y.ravel(), z.ravel()], 1).astype(float))
+    near = (np.linalg.norm(pts - centre_lps, axis=1) <= _MIRROR_SEARCH_RADIUS_MM).reshape(prob_zyx.shape)
+    found = [c for c in _probability_components(prob_zyx, _WEAK_PROBABILITY, grid, _MIN_COCHLEA_PROBABILITY_MASS / 4,
+                                                within=near)
+             if plausible_cochlea_pair(*sorted([c[0], partner_lps], key=lambda p: -p[0]))]
+    return max(found, key=lambda c: c[1])[0] if found else None
 
 
 def cochlea_centres_from_labels(labels: sitk.Image) -> dict:
