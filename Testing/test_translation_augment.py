@@ -67,3 +67,15 @@ def test_probability_zero_never_applies():
     image, labels = scene()
     out = augment_tumour_intensity(image, labels, np.random.default_rng(0), probability=0.0)
     assert np.array_equal(out, image)
+
+
+def test_heterogeneity_gives_the_tumour_a_patchy_texture_around_the_mean_factor():
+    image, labels = scene()
+    flat = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(2.0, 2.0))
+    patchy = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(2.0, 2.0),
+                                      heterogeneity=0.3, texture_sigma_voxels=1.0)
+    core = (slice(5, 11), slice(7, 13), slice(7, 13))
+    assert flat[core].std() < 0.005  # only the smoothed edge weight varies
+    assert patchy[core].std() > 0.05
+    assert 1.0 < np.median(patchy[core]) < 1.5  # 0.6 × 2 = 1.2 on average
+    assert np.array_equal(patchy[:, 20:, :], image[:, 20:, :])  # far from the tumour: unchanged

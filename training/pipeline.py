@@ -465,9 +465,9 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
                 # Extra copies with the tumour darkened or brightened: real VS intensity on hrT2 varies
                 # more than translation reproduces (CrossMoDA 2021 reports: +0.1 VS Dice).
                 if (lab == VS).any() and rng.random() < aug.get("probability", 0.0):
-                    images.append(augment_tumour_intensity(fake, lab, rng, tuple(aug["factor_range"]),
-                                                           tuple(aug.get("sigma_voxels", (0.5, 1.0, 1.0)))
-                                                           ).astype(np.float16))
+                    images.append(augment_tumour_intensity(
+                        fake, lab, rng, tuple(aug["factor_range"]), tuple(aug.get("sigma_voxels", (0.5, 1.0, 1.0))),
+                        heterogeneity=float(aug.get("heterogeneity", 0.0))).astype(np.float16))
                     labels.append(lab)
                     n_aug += 1
             # Domain randomisation, as for the localiser: the ceT1 crop through random intensity curves, so

@@ -18,7 +18,7 @@ from VSCochleaSegLib.labels import VS
 
 def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng: np.random.Generator,
                              factor_range=(0.5, 1.5), sigma_voxels=1.0, probability: float = 1.0,
-                             label: int = VS) -> np.ndarray:
+                             label: int = VS, heterogeneity: float = 0.0, texture_sigma_voxels=2.0) -> np.ndarray:
     """Scale the intensity of the ``label`` region of ``image_zyx`` by a random factor.
 
     Args:
@@ -28,6 +28,9 @@ def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng:
         sigma_voxels: Gaussian smoothing of the mask edge, a scalar or one value per axis (z, y, x)
             (e.g. (0.5, 1, 1) for slices twice as thick as the in-plane spacing).
         probability: chance of applying the augmentation at all.
+        heterogeneity: 0 scales the tumour uniformly; h > 0 multiplies the factor by exp(h · n), n a smooth
+            Gaussian random field of unit standard deviation (``texture_sigma_voxels``, scalar or per axis),
+            so the tumour gets the patchy texture of heterogeneous or partly cystic schwannomas on T2.
 
     Returns the augmented image (an unchanged copy when there is no tumour or the ``probability`` draw
     fails).
@@ -39,6 +42,9 @@ def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng:
     mask = labels == label
     if not mask.any() or rng.random() >= probability:
         return image.copy()
-    factor = float(rng.uniform(*factor_range))
+    factor = np.float32(rng.uniform(*factor_range))
+    if heterogeneity > 0:
+        field = gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), texture_sigma_voxels)
+        factor = factor * np.exp(heterogeneity * field / max(float(field.std()), 1e-6))
     weight = gaussian_filter(mask.astype(np.float32), sigma_voxels)
     return image * (1.0 + (factor - 1.0) * weight)
