@@ -231,6 +231,40 @@ def test_pseudo_label_drops_vs_components_far_from_the_cochlea():
     assert not (no_cochlea == 1).any()  # no cochlea, no anchor: no VS either
 
 
+def test_pseudo_label_can_ignore_unsure_voxels_and_removed_components_instead_of_calling_them_background():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    probs = np.zeros((3, 4, 10, 10), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:3, 2:6, 2:6] = np.array([0.05, 0.95, 0.0])[:, None, None, None]  # VS block, 32 voxels
+    probs[:, 1, 8, 8] = [0.1, 0.9, 0.0]  # a stray VS voxel (removed: not the largest)
+    probs[:, 0, 0, 0] = [0.45, 0.0, 0.55]  # an unsure cochlea voxel
+    probs[:, 3, 9, 9] = [0.5, 0.3, 0.2]  # unsure background
+    labels, conf = pseudo_label(probs, PseudoLabelConfig(min_voxel_confidence=0.6, min_vs_voxels=10,
+                                                         ignore_uncertain=True))
+    assert (labels == 1).sum() == 32 and conf == pytest.approx(0.95)
+    assert labels[1, 8, 8] == IGNORE and labels[0, 0, 0] == IGNORE and labels[3, 9, 9] == IGNORE
+    assert (labels == IGNORE).sum() == 3 and (labels == 0).sum() == 4 * 10 * 10 - 32 - 3
+
+
+def test_pseudo_label_without_a_found_vs_only_teaches_the_cochlea_surroundings():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    probs = np.zeros((3, 4, 24, 24), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:3, 10:13, 20:23] = np.array([0.1, 0.0, 0.9])[:, None, None, None]  # cochlea only
+    cfg = PseudoLabelConfig(min_vs_voxels=1, no_vs_label_beyond_cochlea_mm=2.0, spacing_zyx_mm=(1.0, 0.5, 0.5))
+    labels, _ = pseudo_label(probs, cfg)
+    assert (labels == 2).sum() == 2 * 3 * 3
+    assert labels[1, 11, 18] == 0  # 1 mm from the cochlea: background, still taught
+    assert labels[1, 11, 10] == IGNORE and labels[1, 0, 0] == IGNORE  # far away: no signal
+    probs[:, 1:3, 10:13, 14:17] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # now a VS is found
+    labels, _ = pseudo_label(probs, cfg)
+    assert not (labels == IGNORE).any() and (labels == 1).sum() == 2 * 3 * 3
+
+
 def test_pseudo_label_crops_are_selected_by_case_confidence():
     from training.pseudo_labels import PseudoLabelConfig, select_confident
 

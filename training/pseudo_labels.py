@@ -10,6 +10,8 @@ methods clean their outputs and filtered by confidence:
   this ear's internal auditory canal and is dropped, then the largest VS left is kept, and dropped if
   smaller than ``min_vs_voxels``;
 - a crop whose label map has (almost) no cochlea is a failed prediction (``min_cochlea_voxels``);
+- optionally (``ignore_uncertain``, ``no_vs_label_beyond_cochlea_mm``) unsure voxels, removed components and,
+  in crops without a found VS, everything far from the cochlea get the IGNORE label (no loss);
 - case confidence: the mean fused probability of the predicted class over the predicted foreground;
   crops below ``min_case_confidence`` are not used, and at most the ``keep_fraction`` most confident
   crops are.
@@ -32,6 +34,8 @@ from VSCochleaSegLib.fusion import FUSERS
 from VSCochleaSegLib.inference import InferenceSettings, predict_softmax
 from VSCochleaSegLib.labels import COCHLEA, VS
 
+from .segmentation import IGNORE
+
 
 @dataclass
 class PseudoLabelConfig:
@@ -49,6 +53,14 @@ class PseudoLabelConfig:
     # vessel. 0 = no check. Needs ``spacing_zyx_mm``, the crops' voxel size (the pipeline sets it).
     vs_max_distance_to_cochlea_mm: float = 0.0
     spacing_zyx_mm: tuple = (1.0, 1.0, 1.0)
+    # Self-training that does not teach "no tumour" where the ensemble is merely unsure: voxels whose fused
+    # probability (any class) is below ``min_voxel_confidence`` and foreground components the checks above
+    # remove are labelled IGNORE (no loss) instead of background.
+    ignore_uncertain: bool = False
+    # A crop where the ensemble found no VS is not evidence that there is none (it misses tumours more often
+    # than it finds false ones): beyond this distance (mm) from the crop's cochlea its voxels are IGNORE, so it
+    # teaches the cochlea and its surroundings only. 0 = off (the whole crop is labelled).
+    no_vs_label_beyond_cochlea_mm: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,26 +104,38 @@ def _near(anchor: np.ndarray, mask: np.ndarray, max_mm: float, spacing_zyx_mm) -
 
 
 def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray, float]:
-    """(labels uint8 (z, y, x), case confidence in [0, 1]) from fused probabilities (C, z, y, x)."""
+    """(labels uint8 (z, y, x): 0, VS, COCHLEA or IGNORE, case confidence in [0, 1]) from fused probabilities
+    (C, z, y, x)."""
     labels = probs.argmax(0).astype(np.uint8)
     top = probs.max(0)
-    labels[(labels > 0) & (top < cfg.min_voxel_confidence)] = 0
+    dropped = np.zeros(labels.shape, bool)  # foreground the checks remove
+    unsure = top < cfg.min_voxel_confidence
+    dropped |= (labels > 0) & unsure
+    labels[(labels > 0) & unsure] = 0
     for c in (COCHLEA, VS):
         mask = labels == c
         if not mask.any():
             continue
         if c == VS and cfg.vs_max_distance_to_cochlea_mm > 0:
             near = _near(labels == COCHLEA, mask, cfg.vs_max_distance_to_cochlea_mm, cfg.spacing_zyx_mm)
+            dropped |= mask & ~near
             labels[mask & ~near] = 0
             mask = near
         keep = _largest_component(mask) if cfg.keep_largest else mask
         if c == VS and keep.sum() < cfg.min_vs_voxels:
             keep = np.zeros_like(mask)
+        dropped |= mask & ~keep
         labels[mask & ~keep] = 0
-    fg = labels > 0
+    fg = (labels == VS) | (labels == COCHLEA)
     confidence = float(top[fg].mean()) if fg.any() else 0.0
     if (labels == COCHLEA).sum() < cfg.min_cochlea_voxels:
         confidence = 0.0
+    if cfg.ignore_uncertain:
+        labels[unsure | dropped] = IGNORE
+    if cfg.no_vs_label_beyond_cochlea_mm > 0 and not (labels == VS).any() and (labels == COCHLEA).any():
+        far = ndimage.distance_transform_edt(labels != COCHLEA, sampling=cfg.spacing_zyx_mm) \
+            > cfg.no_vs_label_beyond_cochlea_mm
+        labels[far] = IGNORE
     return labels, confidence
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from tqdm import tqdm
 
@@ -105,6 +106,38 @@ class PatchSampler:
         return torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
 
 
+IGNORE = 255  # label value of voxels that carry no training signal (uncertain pseudo-labels)
+
+
+class DiceCEWithIgnore(torch.nn.Module):
+    """nnU-Net's Dice + cross-entropy (MONAI ``DiceCELoss``: softmax, one-hot target, batch Dice) where voxels
+    labelled :data:`IGNORE` count in neither term. ``logits`` (B, C, *spatial), ``target`` (B, 1, *spatial)
+    int64. Without ignored voxels it is exactly ``DiceCELoss``."""
+
+    def __init__(self, class_weights: torch.Tensor | None = None, smooth: float = 1e-5):
+        super().__init__()
+        self.plain = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=class_weights,
+                                smooth_nr=smooth, smooth_dr=smooth)
+        self.class_weights, self.smooth = class_weights, smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != IGNORE
+        if bool(valid.all()):
+            return self.plain(logits, target)
+        mask = valid.to(logits.dtype)
+        clean = torch.where(valid, target, torch.zeros_like(target))
+        prob = torch.softmax(logits, 1) * mask
+        onehot = torch.zeros_like(logits).scatter_(1, clean, 1.0) * mask
+        dims = [0, *range(2, logits.ndim)]  # batch Dice: sums over the batch and space, one value per class
+        inter, denom = (prob * onehot).sum(dims), prob.sum(dims) + onehot.sum(dims)
+        dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)
+        if self.class_weights is not None:
+            dice = dice * self.class_weights
+        ce = F.cross_entropy(logits, target[:, 0], weight=self.class_weights, ignore_index=IGNORE) \
+            if bool(valid.any()) else logits.sum() * 0.0
+        return dice.mean() + ce
+
+
 def _optimizer(net, cfg: TrainConfig):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(net.parameters(), cfg.learning_rate, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
@@ -167,7 +200,7 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
         (out_dir / f"{name}_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     sampler = PatchSampler(arrays, cfg, rng)
     class_weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, dtype=torch.float32, device=dev)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=class_weights)
+    loss_fn = DiceCEWithIgnore(class_weights)
     weights = np.array([1.0, 0.5, 0.25])
     weights = weights / weights.sum()
     use_bf16 = cpu_has_fast_bf16() if dev.type == "cpu" else torch.cuda.is_bf16_supported()
