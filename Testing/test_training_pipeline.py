@@ -414,6 +414,40 @@ def test_pipeline_rerun_skips_finished_stages(method_a_run, uda_data, monkeypatc
     assert pipeline.run_pipeline(uda_data, out, tiny_config(), backend=FakeBackend(fail=True), progress=False) == model
 
 
+class _BrightIsCochlea(torch.nn.Module):
+    """A stand-in segmentation network: voxels brighter than 0.5 are cochlea, the rest background."""
+
+    def forward(self, x):
+        cochlea = (x > 0.5).float() * 20.0
+        return torch.cat([10.0 - cochlea, torch.zeros_like(x), cochlea - 10.0], 1)
+
+
+def test_target_cochlea_rate_counts_crops_where_a_member_finds_a_cochlea():
+    from training.pipeline import target_cochlea_rate
+
+    with_ear = np.zeros((8, 16, 16), np.float16)
+    with_ear[2:5, 4:8, 4:8] = 1.0  # 48 voxels
+    crops = [with_ear, np.zeros((8, 16, 16), np.float16), with_ear]
+    assert target_cochlea_rate(_BrightIsCochlea().eval(), (8, 16, 16), crops, 40) == pytest.approx(2 / 3)
+    assert target_cochlea_rate(_BrightIsCochlea().eval(), (16, 16), crops, 49) == 0.0
+
+
+def test_members_that_find_no_cochlea_on_real_hrt2_are_left_out_of_the_ensemble(method_a_run, uda_data, monkeypatch):
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    cfg = tiny_config()
+    cfg["data"]["min_target_cochlea_rate"] = 0.5
+    run = pipeline.Run(uda_data, out, cfg, FakeBackend(fail=True), progress=False)
+    monkeypatch.setattr(pipeline, "target_cochlea_rate", lambda net, patch, crops, n: 0.0 if len(patch) == 3 else 1.0)
+    record = pipeline._train_members(run, out / "segment", lambda labelled: labelled)["members"]
+    assert {r["member"] for r in record if r["selected"]} == {"seg2d"}  # the 3D member found no cochlea
+    assert all("target_cochlea_rate" in r for r in record)
+    monkeypatch.setattr(pipeline, "target_cochlea_rate", lambda net, patch, crops, n: 0.0)
+    record = pipeline._train_members(run, out / "segment", lambda labelled: labelled)["members"]
+    assert sum(r["selected"] for r in record) == 1  # all fail: the best is kept, never an empty ensemble
+
+
 def test_pipeline_refuses_to_mix_a_finished_stage_with_a_changed_config(method_a_run, uda_data):
     from training import pipeline
 
