@@ -272,6 +272,19 @@ def test_pseudo_label_crops_are_selected_by_case_confidence():
     assert select_confident([0.9, 0.4, 0.8, 0.95], cfg) == [0, 3]
 
 
+def test_pseudo_label_selection_can_reserve_places_for_crops_with_a_found_vs():
+    from training.pseudo_labels import PseudoLabelConfig, select_confident
+
+    conf = [0.99, 0.98, 0.97, 0.96, 0.7, 0.6, 0.3, 0.95]
+    has_vs = [False, False, False, False, True, True, True, False]
+    plain = PseudoLabelConfig(min_case_confidence=0.5, keep_fraction=0.5)
+    assert select_confident(conf, plain, has_vs) == [0, 1, 2, 3]  # one ranking: no tumour at all
+    quota = PseudoLabelConfig(min_case_confidence=0.5, keep_fraction=0.5, vs_crop_share=0.5)
+    assert select_confident(conf, quota, has_vs) == [0, 1, 4, 5]  # 2 of 4 places to the VS crops
+    assert 6 not in select_confident(conf, PseudoLabelConfig(min_case_confidence=0.5, keep_fraction=0.5,
+                                                             vs_crop_share=1.0), has_vs)  # 0.3: never
+
+
 # ------------------------------------------------------------------------------------------ Mean Teacher
 
 def test_ema_update_moves_the_teacher_towards_the_student():

@@ -61,6 +61,9 @@ class PseudoLabelConfig:
     # than it finds false ones): beyond this distance (mm) from the crop's cochlea its voxels are IGNORE, so it
     # teaches the cochlea and its surroundings only. 0 = off (the whole crop is labelled).
     no_vs_label_beyond_cochlea_mm: float = 0.0
+    # Up to this share of the kept crops is reserved for the most confident crops *with* a found VS (a plain
+    # confidence ranking keeps mostly tumour-free crops: measured 1-9 of 39). 0 = one ranking for all.
+    vs_crop_share: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,11 +142,19 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray,
     return labels, confidence
 
 
-def select_confident(confidences: Sequence[float], cfg: PseudoLabelConfig) -> list[int]:
-    """Indices of the crops to train on: above ``min_case_confidence`` and within the top ``keep_fraction``."""
-    order = np.argsort(-np.asarray(confidences, float), kind="stable")
-    n_keep = int(np.ceil(cfg.keep_fraction * len(order)))
-    return sorted(int(i) for i in order[:n_keep] if confidences[i] >= cfg.min_case_confidence)
+def select_confident(confidences: Sequence[float], cfg: PseudoLabelConfig,
+                     has_vs: Sequence[bool] | None = None) -> list[int]:
+    """Indices of the crops to train on: above ``min_case_confidence`` and within the top ``keep_fraction``;
+    with ``cfg.vs_crop_share`` and ``has_vs``, that share of the places goes first to the most confident
+    crops with a VS."""
+    conf = np.asarray(confidences, float)
+    order = [int(i) for i in np.argsort(-conf, kind="stable") if conf[i] >= cfg.min_case_confidence]
+    n_keep = int(np.ceil(cfg.keep_fraction * len(conf)))
+    chosen: list[int] = []
+    if cfg.vs_crop_share > 0 and has_vs is not None:
+        chosen = [i for i in order if has_vs[i]][: int(round(cfg.vs_crop_share * n_keep))]
+    chosen += [i for i in order if i not in chosen][: n_keep - len(chosen)]
+    return sorted(chosen)
 
 
 def pseudo_label_crops(members: list, crops: list, cfg: PseudoLabelConfig, fusion: str = "mean",
@@ -155,7 +166,7 @@ def pseudo_label_crops(members: list, crops: list, cfg: PseudoLabelConfig, fusio
         labelled.append((crop, labels))
         records.append({"crop": k, "confidence": round(conf, 4), "vs_voxels": int((labels == VS).sum()),
                         "cochlea_voxels": int((labels == COCHLEA).sum())})
-    keep = set(select_confident([r["confidence"] for r in records], cfg))
+    keep = set(select_confident([r["confidence"] for r in records], cfg, [r["vs_voxels"] > 0 for r in records]))
     for r in records:
         r["used"] = r["crop"] in keep
     return [labelled[i] for i in sorted(keep)], records
