@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from VSCochleaSegLib.geometry import box_grid, resample_to_grid
 from VSCochleaSegLib.inference import predict_softmax
-from VSCochleaSegLib.labels import VS
+from VSCochleaSegLib.labels import COCHLEA, VS
 from VSCochleaSegLib.localise import ears_from_probabilities, localise_ears, localiser_grid
 from VSCochleaSegLib.model_folder import (
     CropSpec, ModelSpec, NetworkSpec, NormalisationSpec, write_model_folder,
@@ -522,7 +522,7 @@ def target_cochlea_rate(net: torch.nn.Module, patch_size, crops: list, min_voxel
     Needs no label: every crop is centred on an inner ear, so a member that finds no cochlea on most of them
     has not carried over to real hrT2 (measured: a 300-iteration 3D member found no cochlea on any real crop
     while validating well on fake hrT2)."""
-    hits = [int((predict_softmax(net, _f32(c), tuple(patch_size), torch.device("cpu")).argmax(0) == 2).sum()) >= min_voxels
+    hits = [int((predict_softmax(net, _f32(c), tuple(patch_size), torch.device("cpu")).argmax(0) == COCHLEA).sum()) >= min_voxels
             for c in crops]
     return float(np.mean(hits)) if hits else float("nan")
 
@@ -534,6 +534,12 @@ def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], 
     fake = _fake_crops_by_case(run)
     splits = fold_split([c for c, _ in fake], folds, cfg.get("seed", 0))
     by_case = dict(fake)
+    # Label-free check on the target domain: members that find no cochlea on most real hrT2 crops are left out
+    # of the ensemble (their probabilities would only dilute the others'); the best one is kept if all fail.
+    min_rate = float(cfg.get("data", {}).get("min_target_cochlea_rate", 0.0))
+    target = [c for _, c in _target_crops(run)] if min_rate > 0 else []
+    target = target[:: max(1, len(target) // 16)][:16]  # an even sample of at most 16 crops
+    min_voxels = int(cfg.get("pseudo_labels", {}).get("min_cochlea_voxels", 0)) or 1
     members = []
     for m in cfg["members"]:
         for f, (train_ids, val_ids) in enumerate(splits):
@@ -548,20 +554,12 @@ def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], 
                     save_file(sd, str(final))
             distributed.barrier()
             val = [a for c in val_ids for a in by_case[c]]
-            score = validation_dice(_load_net(m["train"]["network"], final), m["train"]["patch_size_zyx"], val) if val else None
-            members.append({"name": name, "member": m["name"], "fold": f, "validation_dice": score})
-    # Label-free check on the target domain: members that find no cochlea on most real hrT2 crops are left out
-    # of the ensemble (their probabilities would only dilute the others'); the best one is kept if all fail.
-    min_rate = float(cfg.get("data", {}).get("min_target_cochlea_rate", 0.0))
-    if min_rate > 0:
-        crops = [c for _, c in _target_crops(run)]
-        crops = crops[:: max(1, len(crops) // 16)][:16]  # an even sample of at most 16 crops
-        min_voxels = int(cfg.get("pseudo_labels", {}).get("min_cochlea_voxels", 0)) or 1
-        by_name = {m["name"]: m for m in cfg["members"]}
-        for r in members:
-            m = by_name[r["member"]]
-            r["target_cochlea_rate"] = target_cochlea_rate(_load_net(m["train"]["network"], d / f"{r['name']}.safetensors"),
-                                                           m["train"]["patch_size_zyx"], crops, min_voxels)
+            net = _load_net(m["train"]["network"], final) if val or target else None
+            record = {"name": name, "member": m["name"], "fold": f,
+                      "validation_dice": validation_dice(net, m["train"]["patch_size_zyx"], val) if val else None}
+            if target:
+                record["target_cochlea_rate"] = target_cochlea_rate(net, m["train"]["patch_size_zyx"], target, min_voxels)
+            members.append(record)
     passes = [r for r in members if r.get("target_cochlea_rate", 1.0) >= min_rate]
     keep = int(cfg.get("data", {}).get("select_folds", folds))
     for m in cfg["members"]:

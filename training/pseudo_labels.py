@@ -111,10 +111,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray,
     (C, z, y, x)."""
     labels = probs.argmax(0).astype(np.uint8)
     top = probs.max(0)
-    dropped = np.zeros(labels.shape, bool)  # foreground the checks remove
     unsure = top < cfg.min_voxel_confidence
-    dropped |= (labels > 0) & unsure
     labels[(labels > 0) & unsure] = 0
+    dropped = np.zeros(labels.shape, bool)  # foreground components the checks below remove
     for c in (COCHLEA, VS):
         mask = labels == c
         if not mask.any():
