@@ -47,6 +47,9 @@ def tiny_config() -> dict:
         ],
         "pseudo_labels": {"min_voxel_confidence": 0.0, "min_case_confidence": 0.0, "keep_fraction": 1.0},
     })
+    cfg["self_training"]["train"] = {"iterations": 2}
+    cfg["variants"]["method_b"]["members"] = cfg["members"]
+    cfg["variants"]["method_b"]["self_training"]["train"] = {"iterations": 2}
     cfg["variants"]["method_b"]["self_training"]["mean_teacher"]["rampup_iterations"] = 1
     return cfg
 
@@ -522,6 +525,43 @@ def test_method_b_variant_trains_mean_teachers_and_fuses_with_cleanlab(method_a_
     assert not (run_b / "segment").exists()
 
 
+def test_warm_started_self_training_fine_tunes_the_stage3_members_with_its_own_settings(method_a_run, uda_data,
+                                                                                          tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from training import pipeline, segmentation
+
+    out, _, _ = method_a_run
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops", "translate_crops", "segment",
+                  "pseudo_labels"):
+        os.symlink(out / stage, tmp_path / stage)
+    cfg = tiny_config()
+    cfg["self_training"] = {"mode": "pseudo_labels", "warm_start": True, "train": {"iterations": 1, "learning_rate": 0.0}}
+    starts, settings = {}, {}
+    real_load = segmentation.load_initial_weights
+
+    def spy(net, path):
+        real_load(net, path)
+        starts[path.name] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    real_train = pipeline.train_network
+
+    def record(arrays, tcfg, d, name, **kw):
+        settings[name] = (tcfg.iterations, tcfg.learning_rate)
+        return real_train(arrays, tcfg, d, name, **kw)
+
+    monkeypatch.setattr(segmentation, "load_initial_weights", spy)
+    monkeypatch.setattr(pipeline, "train_network", record)
+    run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
+    run.stage("self_train", lambda d: pipeline.stage_self_train(run, d))
+    names = [f"{m}_f{f}" for m in ("seg3d", "seg2d") for f in (0, 1)]  # tiny_config: two folds
+    assert settings == {name: (1, 0.0) for name in names}
+    for name in names:
+        exported = load_file(str(out / "segment" / f"{name}.safetensors"))
+        start = starts[f"{name}.safetensors"]
+        assert all(torch.equal(start[k], v) for k, v in exported.items())  # every stage-3 weight, heads fresh
+        assert any(k.startswith("deep_supervision_heads") for k in start)
+
+
 def test_fake_images_are_air_outside_the_source_head():
     from training.pipeline import translate_in_head
 
@@ -665,6 +705,11 @@ def test_benchmark_scores_every_variant_and_writes_json_table_and_plot(tmp_path,
     assert (tmp_path / "docs" / "phantom_uda.png").read_bytes()[:4] == b"\x89PNG"
     model = json.loads((tmp_path / "work" / "model" / "model.json").read_text(encoding="utf-8"))
     assert model["provenance"]["hrT2_labels_used"] is False and "full_pipeline" in model["provenance"]["benchmark"]
+    runs = tmp_path / "work" / "runs"  # phantom-cpu: the oracle finds ears with method a's localiser
+    assert cfg["benchmark"]["oracle_shares_localiser"] is True
+    assert (runs / "oracle" / "localiser.safetensors").read_bytes() == \
+        (runs / "method_a" / "localiser" / "localiser.safetensors").read_bytes()
+    assert "Session-by-session analysis" in (tmp_path / "docs" / "phantom_uda.md").read_text(encoding="utf-8")
     test_ids = {p.name for p in (tmp_path / "work" / "data" / "test").iterdir()}
     train_ids = {p.name for p in (tmp_path / "work" / "data" / "uda").iterdir()}
     assert not test_ids & train_ids

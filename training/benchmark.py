@@ -15,7 +15,9 @@ scores as an empty prediction, as in the challenge):
 - ``full_pipeline``: method a, stage-5 members (fake hrT2 + pseudo-labelled real hrT2);
 - ``method_b``: CUT translation + Mean Teacher + cleanlab fusion (the first stages — prepare, 2 mm
   translation, localiser, real hrT2 crops — are the method-a run's, shared because they are identical);
-- ``oracle``: localiser and members trained on the target hrT2 phantoms *with* their labels.
+- ``oracle``: members trained on the target hrT2 phantoms *with* their labels; its localiser is trained on
+  those labels too, or, with ``benchmark.oracle_shares_localiser``, is the method-a run's (then every variant
+  finds the ears with the same network and differs only in its segmentation members).
 
 Writes ``phantom_uda.json`` ({"variants": {name: {VS_Dice, VS_ASSD, Cochlea_Dice, Cochlea_ASSD, n_test,
 train_minutes}}, "config": ...}), ``phantom_uda.md`` and ``phantom_uda.png`` into ``--out``, and
@@ -27,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -120,13 +124,19 @@ def train_no_adaptation(run_a: pipeline.Run, out: Path, cfg: dict, progress: boo
     return out / "model", minutes
 
 
-def train_oracle(data: Path, out: Path, cfg: dict) -> tuple[Path, float]:
-    """The same localiser and members, supervised on the target hrT2 phantoms with their labels."""
+def train_oracle(data: Path, out: Path, cfg: dict, localiser: Path | None = None) -> tuple[Path, float]:
+    """The same members, supervised on the target hrT2 phantoms with their labels. With ``localiser`` (the
+    method-a run's), ears are found exactly as in the other variants, so the variants differ only in how their
+    segmentation members were trained; without it the oracle also trains its own localiser on hrT2 labels."""
     from .train_supervised import train_all
 
     ocfg = {**cfg, "modality": "hrT2", "name": cfg["name"] + "-oracle",
-            "provenance": {**cfg.get("provenance", {}), "hrT2_labels_used": True, "method": "oracle"}}
+            "provenance": {**cfg.get("provenance", {}), "hrT2_labels_used": True, "method": "oracle",
+                           "localiser": "shared with method a (no hrT2 label)" if localiser else "trained on hrT2 labels"}}
     ocfg["members"] = [{**m, "train": {**m["train"], "threads": cfg.get("threads")}} for m in _plain_members(cfg)]
+    out.mkdir(parents=True, exist_ok=True)
+    if localiser is not None and not (out / "localiser.safetensors").exists():
+        shutil.copyfile(localiser, out / "localiser.safetensors")  # train_all keeps finished networks
     t0 = time.time()
     model = train_all(data, out, ocfg, out / "model", overwrite=True)
     minutes_file = out / "oracle_minutes.json"
@@ -212,6 +222,19 @@ def bar_plot(result: dict, path: Path) -> None:
 # The benchmark
 # --------------------------------------------------------------------------------------------------
 
+def machine_description() -> str:
+    """CPU model, core count and whether bf16 is fast: benchmark minutes mean little without them."""
+    from VSCochleaSegLib.inference import cpu_has_fast_bf16
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPU cores, fast bf16: {cpu_has_fast_bf16()}"
+
+
 def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=None, progress: bool = True) -> dict:
     t_start = time.time()
     cfg = pipeline.load_config(config) if isinstance(config, str) else config
@@ -249,7 +272,8 @@ def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=Non
 
     no_adapt_model, no_adapt_min = train_no_adaptation(run_a, runs / "no_adaptation", cfg, progress)
     minutes["no_adaptation"] = m["prepare"] + m["translate_localiser"] + m["localiser"] + no_adapt_min
-    oracle_model, minutes["oracle"] = train_oracle(data["oracle"], runs / "oracle", cfg)
+    shared_localiser = run_a.out / "localiser" / "localiser.safetensors" if bench.get("oracle_shares_localiser") else None
+    oracle_model, minutes["oracle"] = train_oracle(data["oracle"], runs / "oracle", cfg, shared_localiser)
 
     models = {"no_adaptation": no_adapt_model, "translation_only": runs / "method_a" / "model_translation_only",
               "full_pipeline": full_model, "method_b": model_b, "oracle": oracle_model}
@@ -269,7 +293,7 @@ def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=Non
                    "pipeline": cfg, "hrT2_labels_used_by_adaptation": False},
         "timings_minutes": {k: round(v, 1) for k, v in timings.items()},
         "per_case": {name: scores[name]["cases"] for name in VARIANTS},
-        "machine": f"{os.cpu_count()} CPU cores",
+        "machine": machine_description(),
     }
     v = result["variants"]
     result["acceptance"] = {
@@ -282,7 +306,9 @@ def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=Non
     (out_dir / "phantom_uda.md").write_text(
         "# Phantom UDA benchmark\n\nGenerated by `python -m training.benchmark`; held-out hrT2 test phantoms "
         f"(seed {bench['seeds']['test_hrT2']}), CrossMoDA metrics.\n\n" + markdown_table(result) +
-        f"\n\nAcceptance: {json.dumps(result['acceptance'])}\n\nTotal wall time {timings['total']:.1f} min.\n", encoding="utf-8")
+        f"\n\nAcceptance: {json.dumps(result['acceptance'])}\n\nTotal wall time {timings['total']:.1f} min on "
+        f"{result['machine']}.\n\nSession-by-session analysis: [phantom_uda_history.md](phantom_uda_history.md).\n",
+        encoding="utf-8")
     bar_plot(result, out_dir / "phantom_uda.png")
     # The full pipeline's model folder, with the figures it earned in its provenance.
     pipeline.export_model(run_a, "self_train", work / "model", extra_provenance={

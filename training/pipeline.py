@@ -527,8 +527,10 @@ def target_cochlea_rate(net: torch.nn.Module, patch_size, crops: list, min_voxel
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], trainer: Callable | None = None) -> dict:
-    """Train every config member on every fold, validate, select; returns the stage record."""
+def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], trainer: Callable | None = None,
+                   overrides: dict | None = None) -> dict:
+    """Train every config member on every fold, validate, select; returns the stage record. ``overrides``
+    replace training settings of every member (self-training's ``train``: e.g. fewer iterations when fine-tuning)."""
     cfg = run.cfg
     folds = int(cfg.get("data", {}).get("folds", 1))
     fake = _fake_crops_by_case(run)
@@ -548,7 +550,7 @@ def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], 
             if not final.exists():
                 labelled = [a for c in train_ids for a in by_case[c]]
                 arrays = train_arrays_for(labelled)
-                tcfg = TrainConfig(**{**m["train"], "threads": cfg.get("threads")})
+                tcfg = TrainConfig(**{**m["train"], **(overrides or {}), "threads": cfg.get("threads")})
                 sd = (trainer or _plain_trainer)(arrays, tcfg, d, name, run)
                 if distributed.is_main():
                     save_file(sd, str(final))
@@ -629,10 +631,10 @@ def stage_self_train(run: Run, d: Path) -> dict:
         warm = st.get("warm_start", False)
 
         def trainer(arrays, tcfg, dd, name, run):
-            init = run.out / "segment" / f"{name}_checkpoint.pt" if warm else None
+            init = run.out / "segment" / f"{name}.safetensors" if warm else None
             return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
 
-        return _train_members(run, d, mix, trainer)
+        return _train_members(run, d, mix, trainer, st.get("train"))
     if mode == "mean_teacher":
         mt = MeanTeacherConfig(**st.get("mean_teacher", {}))
         unlabelled = [c for _, c in _target_crops(run)]
@@ -640,7 +642,7 @@ def stage_self_train(run: Run, d: Path) -> dict:
         def mt_trainer(arrays, tcfg, dd, name, run):
             return train_mean_teacher(arrays, unlabelled, tcfg, mt, dd, name, progress=run.progress)
 
-        return _train_members(run, d, lambda labelled: labelled, mt_trainer)
+        return _train_members(run, d, lambda labelled: labelled, mt_trainer, st.get("train"))
     raise ValueError(f"self_training.mode must be pseudo_labels or mean_teacher, not {mode!r}")
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from VSCochleaSegLib.inference import cpu_has_fast_bf16
 from VSCochleaSegLib.model_folder import NetworkSpec
-from VSCochleaSegLib.networks import build_network, inference_state_dict
+from VSCochleaSegLib.networks import build_network, inference_state_dict, load_inference_state_dict
 
 from . import distributed
 from .augment import augment_intensity, random_contrast
@@ -163,6 +163,18 @@ def dice_per_class(pred: np.ndarray, lab: np.ndarray, classes=(1, 2)) -> dict:
     return out
 
 
+def load_initial_weights(net: torch.nn.Module, path: Path) -> None:
+    """Warm start of ``net`` (built with deep supervision) from a training checkpoint (``*.pt``: every weight)
+    or an exported member (``*.safetensors``: no deep-supervision heads; those keep their fresh weights)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        heads = {k: v for k, v in net.state_dict().items() if k.startswith("deep_supervision_heads")}
+        load_inference_state_dict(net, {**heads, **load_file(str(path))})
+    else:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["net"])
+
+
 def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, progress: bool = True,
                   init_from: Path | None = None) -> dict:
     """Train and return the inference state dict. Resumes from ``out_dir/<name>_checkpoint.pt`` if present;
@@ -189,7 +201,7 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
         start = int(ckpt["iteration"])
         rng = np.random.default_rng([cfg.seed, start] if rank == 0 else [cfg.seed, start, rank])
     elif init_from is not None:  # warm start: weights only, fresh optimiser and schedule
-        net.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=True)["net"])
+        load_initial_weights(net, Path(init_from))
     net = net.to(dev)
     opt = _optimizer(net, cfg)
     if ckpt is not None:
