@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from VSCochleaSegLib.inference import cpu_has_fast_bf16
@@ -167,8 +168,6 @@ def load_initial_weights(net: torch.nn.Module, path: Path) -> None:
     """Warm start of ``net`` (built with deep supervision) from a training checkpoint (``*.pt``: every weight)
     or an exported member (``*.safetensors``: no deep-supervision heads; those keep their fresh weights)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         heads = {k: v for k, v in net.state_dict().items() if k.startswith("deep_supervision_heads")}
         load_inference_state_dict(net, {**heads, **load_file(str(path))})
     else:
