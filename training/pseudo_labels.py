@@ -152,7 +152,8 @@ def select_confident(confidences: Sequence[float], cfg: PseudoLabelConfig,
     chosen: list[int] = []
     if cfg.vs_crop_share > 0 and has_vs is not None:
         chosen = [i for i in order if has_vs[i]][: int(round(cfg.vs_crop_share * n_keep))]
-    chosen += [i for i in order if i not in chosen][: n_keep - len(chosen)]
+    taken = set(chosen)
+    chosen += [i for i in order if i not in taken][: n_keep - len(chosen)]
     return sorted(chosen)
 
 
