@@ -268,6 +268,41 @@ def test_pseudo_label_without_a_found_vs_only_teaches_the_cochlea_surroundings()
     assert not (labels == IGNORE).any() and (labels == 1).sum() == 2 * 3 * 3
 
 
+def test_one_vs_per_scan_drops_scans_with_a_missed_tumour_and_labels_the_other_ear_in_full(monkeypatch):
+    from training import pseudo_labels
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label_crops
+    from training.segmentation import IGNORE
+
+    def crop_probs(vs_voxels_x: int):
+        p = np.zeros((3, 4, 24, 24), np.float32)
+        p[0] = 1.0
+        p[:, 1:3, 10:13, 20:23] = np.array([0.1, 0.0, 0.9])[:, None, None, None]  # cochlea
+        if vs_voxels_x:
+            p[:, 1:3, 10:13, 14:14 + vs_voxels_x] = np.array([0.1, 0.9, 0.0])[:, None, None, None]
+        return p
+
+    # scan a: tumour in crop 0 and a smaller false "VS" in crop 1; scan b: no tumour found at all
+    probs = [crop_probs(4), crop_probs(2), crop_probs(0), crop_probs(0)]
+    monkeypatch.setattr(pseudo_labels, "ensemble_probabilities", lambda members, crop, fusion: probs[int(crop)])
+    crops = [np.full((4, 24, 24), k, np.float32) for k in range(4)]  # each crop's value is its index
+    base = dict(min_voxel_confidence=0.5, min_case_confidence=0.5, min_vs_voxels=1, spacing_zyx_mm=(1.0, 0.5, 0.5),
+                no_vs_label_beyond_cochlea_mm=2.0)
+    plain, records = pseudo_label_crops([], [c[0, 0, 0] for c in crops], PseudoLabelConfig(**base), progress=False)
+    assert [r["used"] for r in records] == [True] * 4 and [r["vs_voxels"] for r in records] == [24, 12, 0, 0]
+    assert (plain[2][1] == IGNORE).any()  # no VS found: labelled near its cochlea only
+    prior = PseudoLabelConfig(**base, one_vs_per_scan=True)
+    with pytest.raises(ValueError, match="scan id"):
+        pseudo_label_crops([], [c[0, 0, 0] for c in crops], prior, progress=False)
+    kept, records = pseudo_label_crops([], [c[0, 0, 0] for c in crops], prior, progress=False,
+                                       scan_ids=["a", "a", "b", "b"])
+    assert [r["used"] for r in records] == [True, True, False, False]  # scan b's tumour was missed
+    assert [r["vs_voxels"] for r in records] == [24, 0, 0, 0]
+    tumour, other = kept[0][1], kept[1][1]
+    assert (tumour == 1).sum() == 24 and not (tumour == IGNORE).any()
+    assert (other == IGNORE).sum() == 12 and not (other == 1).any()  # the smaller "VS": not trusted either way
+    assert (other == 0).sum() == 4 * 24 * 24 - 12 - 18  # everything else taught: this ear is tumour-free
+
+
 def test_pseudo_label_crops_are_selected_by_case_confidence():
     from training.pseudo_labels import PseudoLabelConfig, select_confident
 

@@ -62,11 +62,20 @@ def head_mask(volume_zyx: np.ndarray, threshold: float = 0.05) -> np.ndarray:
 
 
 def random_contrast(volume_zyx: np.ndarray, rng: np.random.Generator, knots: int = 7) -> np.ndarray:
-    """``volume`` (engine-normalised, (z, y, x) or (y, x)) through a random piecewise-linear intensity curve
-    (knots evenly spaced on [0, 1.5], values uniform in [0, 1]; air stays 0, head voxels get random, possibly
-    non-monotonic contrast), as float16: domain randomisation, so a network keys on anatomy's shape rather
-    than on one contrast (in the spirit of SynthSeg, Billot et al. 2023)."""
+    """``volume`` (engine-normalised, (z, y, x) or (y, x)) through a random piecewise-linear intensity curve,
+    as float16: domain randomisation, so a network keys on anatomy's shape rather than on one contrast (in
+    the spirit of SynthSeg, Billot et al. 2023). Air stays 0; head voxels get random, possibly non-monotonic
+    contrast. The curve's knots sit at random *quantiles* of the head's intensities (values uniform in
+    [0, 1]), so each tissue gets its own chance of any brightness: with evenly spaced knots, tissues that are
+    close in intensity (ceT1 CSF 0.12 and bone 0.06 on one linear segment from air's 0) keep their order and
+    ratio, and CSF could never become the bright tissue it is on hrT2."""
     v = np.asarray(volume_zyx, np.float32)
-    xs = np.linspace(0.0, 1.5, knots)
+    head = head_mask(v)
+    values = v[head & (v > 0)]
+    if values.size < knots:
+        return np.where(head, v, 0.0).astype(np.float16)
+    inner = np.quantile(values, np.sort(rng.uniform(0.0, 1.0, knots - 2)))
+    xs = np.concatenate([[0.0], inner, [max(float(values.max()), 1.5)]])
+    xs = np.maximum.accumulate(xs + np.arange(knots) * 1e-6)  # strictly increasing for np.interp
     ys = np.concatenate([[0.0], rng.uniform(0.0, 1.0, knots - 1)])
-    return np.where(head_mask(v), np.interp(v, xs, ys), 0.0).astype(np.float16)
+    return np.where(head, np.interp(v, xs, ys), 0.0).astype(np.float16)

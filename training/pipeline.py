@@ -597,7 +597,7 @@ def stage_pseudo_labels(run: Run, d: Path) -> dict:
     spacing_zyx = tuple(float(s) for s in run.cfg["segmentation_spacing_xyz_mm"][::-1])
     pcfg = PseudoLabelConfig(**{"spacing_zyx_mm": spacing_zyx, **run.cfg.get("pseudo_labels", {})})
     selected, records = pseudo_label_crops(members, [c for _, c in crops], pcfg, run.cfg.get("fusion", "mean"),
-                                           run.progress)
+                                           run.progress, scan_ids=[case for case, _ in crops])
     keep = [r["crop"] for r in records if r["used"]]
     _save_npz(d / "pseudo_labels.npz", images=np.stack([crops[k][1] for k in keep]) if keep else np.zeros((0,)),
               labels=np.stack([lab for _, lab in selected]) if keep else np.zeros((0,)))

@@ -12,6 +12,10 @@ methods clean their outputs and filtered by confidence:
 - a crop whose label map has (almost) no cochlea is a failed prediction (``min_cochlea_voxels``);
 - optionally (``ignore_uncertain``, ``no_vs_label_beyond_cochlea_mm``) unsure voxels, removed components and,
   in crops without a found VS, everything far from the cochlea get the IGNORE label (no loss);
+- optionally (``one_vs_per_scan``) the CrossMoDA prior that every scan holds one unilateral VS: the crops of
+  a scan where the ensemble found no VS are not used (it missed the tumour), only the largest found VS of a
+  scan is kept (smaller "VS" in its other ear become IGNORE), and the other ear is then known to be
+  tumour-free, so it is labelled in full;
 - case confidence: the mean fused probability of the predicted class over the predicted foreground;
   crops below ``min_case_confidence`` are not used, and at most the ``keep_fraction`` most confident
   crops are.
@@ -64,6 +68,11 @@ class PseudoLabelConfig:
     # Up to this share of the kept crops is reserved for the most confident crops *with* a found VS (a plain
     # confidence ranking keeps mostly tumour-free crops: measured 1-9 of 39). 0 = one ranking for all.
     vs_crop_share: float = 0.0
+    # CrossMoDA's cohort: every scan holds exactly one (unilateral, sporadic) VS. A scan whose crops show no
+    # found VS is a missed tumour, not two tumour-free ears: its crops are not used. Of several found VS the
+    # largest is kept. The other ear of a scan with a found VS is tumour-free and is labelled in full
+    # (``no_vs_label_beyond_cochlea_mm`` is not applied to it). Off for cohorts with VS-free or NF2 scans.
+    one_vs_per_scan: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,9 +115,10 @@ def _near(anchor: np.ndarray, mask: np.ndarray, max_mm: float, spacing_zyx_mm) -
     return np.isin(comps, near)
 
 
-def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray, float]:
+def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = False) -> tuple[np.ndarray, float]:
     """(labels uint8 (z, y, x): 0, VS, COCHLEA or IGNORE, case confidence in [0, 1]) from fused probabilities
-    (C, z, y, x)."""
+    (C, z, y, x). ``vs_free``: the crop is known to hold no tumour (its label map is not trimmed to the cochlea
+    surroundings, and any "VS" found in it becomes IGNORE)."""
     labels = probs.argmax(0).astype(np.uint8)
     top = probs.max(0)
     unsure = top < cfg.min_voxel_confidence
@@ -132,9 +142,12 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig) -> tuple[np.ndarray,
     confidence = float(top[fg].mean()) if fg.any() else 0.0
     if (labels == COCHLEA).sum() < cfg.min_cochlea_voxels:
         confidence = 0.0
+    if vs_free:
+        labels[labels == VS] = IGNORE
     if cfg.ignore_uncertain:
         labels[unsure | dropped] = IGNORE
-    if cfg.no_vs_label_beyond_cochlea_mm > 0 and not (labels == VS).any() and (labels == COCHLEA).any():
+    if (cfg.no_vs_label_beyond_cochlea_mm > 0 and not vs_free and not (labels == VS).any()
+            and (labels == COCHLEA).any()):
         far = ndimage.distance_transform_edt(labels != COCHLEA, sampling=cfg.spacing_zyx_mm) \
             > cfg.no_vs_label_beyond_cochlea_mm
         labels[far] = IGNORE
@@ -158,14 +171,32 @@ def select_confident(confidences: Sequence[float], cfg: PseudoLabelConfig,
 
 
 def pseudo_label_crops(members: list, crops: list, cfg: PseudoLabelConfig, fusion: str = "mean",
-                       progress: bool = True) -> tuple[list, list]:
-    """Label every crop; returns ([(image, labels)] of the selected crops, per-crop records for the log)."""
-    labelled, records = [], []
+                       progress: bool = True, scan_ids: Sequence[str] | None = None) -> tuple[list, list]:
+    """Label every crop; returns ([(image, labels)] of the selected crops, per-crop records for the log).
+    ``scan_ids`` (one per crop) groups the crops of one scan, for ``cfg.one_vs_per_scan``."""
+    probs, labelled, records = [], [], []
     for k, crop in enumerate(tqdm(crops, desc="pseudo-labels", unit="crop", disable=not progress)):
-        labels, conf = pseudo_label(ensemble_probabilities(members, crop, fusion), cfg)
+        p = ensemble_probabilities(members, crop, fusion)
+        labels, conf = pseudo_label(p, cfg)
+        probs.append(p.astype(np.float16) if cfg.one_vs_per_scan else None)
         labelled.append((crop, labels))
         records.append({"crop": k, "confidence": round(conf, 4), "vs_voxels": int((labels == VS).sum()),
                         "cochlea_voxels": int((labels == COCHLEA).sum())})
+    if cfg.one_vs_per_scan:
+        if scan_ids is None or len(scan_ids) != len(crops):
+            raise ValueError("one_vs_per_scan needs the scan id of every crop")
+        for scan in dict.fromkeys(scan_ids):
+            mine = [k for k, s in enumerate(scan_ids) if s == scan]
+            tumour = max(mine, key=lambda k: records[k]["vs_voxels"])
+            if records[tumour]["vs_voxels"] == 0:  # the ensemble missed this scan's tumour
+                for k in mine:
+                    records[k]["confidence"] = 0.0
+                continue
+            for k in mine:
+                if k != tumour:
+                    labels, conf = pseudo_label(probs[k].astype(np.float32), cfg, vs_free=True)
+                    labelled[k] = (crops[k], labels)
+                    records[k].update(confidence=round(conf, 4), vs_voxels=0)
     keep = set(select_confident([r["confidence"] for r in records], cfg, [r["vs_voxels"] > 0 for r in records]))
     for r in records:
         r["used"] = r["crop"] in keep
