@@ -616,6 +616,23 @@ def test_random_contrast_keeps_air_dark_and_changes_the_head():
     assert out[0, 0, 0] == 0.0 and not np.allclose(out[:, 5:15, 5:15], vol[:, 5:15, 5:15], atol=0.05)
 
 
+def test_random_contrast_gives_close_dark_tissues_independent_brightness():
+    """ceT1 bone (0.06) and CSF (0.12) must not stay tied in order and ratio: on hrT2 CSF is the brightest tissue
+    next to black bone."""
+    from training.augment import random_contrast
+
+    vol = np.zeros((4, 30, 30), np.float32)
+    vol[:, 2:28, 2:28] = 0.45  # brain
+    vol[:, 5:12, 5:25] = 0.06  # bone
+    vol[:, 15:22, 5:25] = 0.12  # CSF
+    vol[:, 24:27, 10:20] = 0.85  # enhancing tumour
+    rng = np.random.default_rng(1)
+    draws = [random_contrast(vol, rng).astype(np.float32)[0] for _ in range(40)]
+    csf, bone, brain, vs = (np.array([d[y, x] for d in draws]) for y, x in ((18, 10), (8, 10), (3, 3), (25, 15)))
+    assert (bone > csf).any() and (csf > bone).any()  # the order flips between draws
+    assert ((csf > brain) & (csf > vs) & (csf > bone)).any()  # CSF can be the brightest, as on hrT2
+
+
 def test_patch_sampler_randomises_contrast_of_the_configured_share_of_patches():
     from training.segmentation import PatchSampler, TrainConfig
 
