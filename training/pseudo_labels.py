@@ -170,33 +170,37 @@ def select_confident(confidences: Sequence[float], cfg: PseudoLabelConfig,
     return sorted(chosen)
 
 
+def _record(k: int, labels: np.ndarray, confidence: float) -> dict:
+    return {"crop": k, "confidence": round(confidence, 4), "vs_voxels": int((labels == VS).sum()),
+            "cochlea_voxels": int((labels == COCHLEA).sum())}
+
+
 def pseudo_label_crops(members: list, crops: list, cfg: PseudoLabelConfig, fusion: str = "mean",
                        progress: bool = True, scan_ids: Sequence[str] | None = None) -> tuple[list, list]:
     """Label every crop; returns ([(image, labels)] of the selected crops, per-crop records for the log).
-    ``scan_ids`` (one per crop) groups the crops of one scan, for ``cfg.one_vs_per_scan``."""
-    probs, labelled, records = [], [], []
-    for k, crop in enumerate(tqdm(crops, desc="pseudo-labels", unit="crop", disable=not progress)):
-        p = ensemble_probabilities(members, crop, fusion)
-        labels, conf = pseudo_label(p, cfg)
-        probs.append(p.astype(np.float16) if cfg.one_vs_per_scan else None)
-        labelled.append((crop, labels))
-        records.append({"crop": k, "confidence": round(conf, 4), "vs_voxels": int((labels == VS).sum()),
-                        "cochlea_voxels": int((labels == COCHLEA).sum())})
-    if cfg.one_vs_per_scan:
-        if scan_ids is None or len(scan_ids) != len(crops):
-            raise ValueError("one_vs_per_scan needs the scan id of every crop")
-        for scan in dict.fromkeys(scan_ids):
-            mine = [k for k, s in enumerate(scan_ids) if s == scan]
-            tumour = max(mine, key=lambda k: records[k]["vs_voxels"])
-            if records[tumour]["vs_voxels"] == 0:  # the ensemble missed this scan's tumour
-                for k in mine:
-                    records[k]["confidence"] = 0.0
-                continue
+    ``scan_ids`` (one per crop) groups the crops of one scan, for ``cfg.one_vs_per_scan``; crops are labelled
+    scan by scan, so only one scan's probabilities are held at a time."""
+    if cfg.one_vs_per_scan and (scan_ids is None or len(scan_ids) != len(crops)):
+        raise ValueError("one_vs_per_scan needs the scan id of every crop")
+    scans: dict = {}
+    for k, scan in enumerate(scan_ids if cfg.one_vs_per_scan else range(len(crops))):
+        scans.setdefault(scan, []).append(k)
+    labelled, records = [None] * len(crops), [None] * len(crops)
+    with tqdm(total=len(crops), desc="pseudo-labels", unit="crop", disable=not progress) as bar:
+        for mine in scans.values():
+            probs = {k: ensemble_probabilities(members, crops[k], fusion) for k in mine}
             for k in mine:
-                if k != tumour:
-                    labels, conf = pseudo_label(probs[k].astype(np.float32), cfg, vs_free=True)
-                    labelled[k] = (crops[k], labels)
-                    records[k].update(confidence=round(conf, 4), vs_voxels=0)
+                labels, conf = pseudo_label(probs[k], cfg)
+                labelled[k], records[k] = (crops[k], labels), _record(k, labels, conf)
+            if cfg.one_vs_per_scan:
+                tumour = max(mine, key=lambda k: records[k]["vs_voxels"])
+                for k in mine:
+                    if records[tumour]["vs_voxels"] == 0:  # the ensemble missed this scan's tumour
+                        records[k]["confidence"] = 0.0
+                    elif k != tumour:
+                        labels, conf = pseudo_label(probs[k], cfg, vs_free=True)
+                        labelled[k], records[k] = (crops[k], labels), _record(k, labels, conf)
+            bar.update(len(mine))
     keep = set(select_confident([r["confidence"] for r in records], cfg, [r["vs_voxels"] > 0 for r in records]))
     for r in records:
         r["used"] = r["crop"] in keep
