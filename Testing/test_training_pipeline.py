@@ -48,6 +48,7 @@ def tiny_config() -> dict:
         "pseudo_labels": {"min_voxel_confidence": 0.0, "min_case_confidence": 0.0, "keep_fraction": 1.0},
     })
     cfg["self_training"]["train"] = {"iterations": 2}
+    cfg["translation"]["tumour_augmentation"].update({"csf_rim_probability": 1.0, "relative_to_tissue": True})
     cfg["variants"]["method_b"]["members"] = cfg["members"]
     cfg["variants"]["method_b"]["self_training"]["train"] = {"iterations": 2}
     cfg["variants"]["method_b"]["self_training"]["mean_teacher"]["rampup_iterations"] = 1
@@ -447,6 +448,7 @@ def test_pipeline_fakes_every_snapshot_and_adds_tumour_augmented_copies(method_a
     assert info["snapshots"] == [1, 2]
     with np.load(sorted((out / "translate_crops" / "fake").glob("*.npz"))[0]) as z:
         assert len(z["images"]) >= 2 * 2  # 2 ears × 1 jitter × 2 snapshots (+ augmented copies)
+    assert info["csf_rim_copies"] == info["tumour_augmented_copies"] > 0  # csf_rim_probability 1 in the tiny config
     n_copies = tiny_config()["translation"].get("random_contrast_copies", 0)
     assert info["random_contrast_copies"] == 2 * n_copies * len(list((out / "translate_crops" / "fake").glob("*.npz")))
 

@@ -9,7 +9,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
 
-from training.translation.augment import augment_tumour_intensity  # noqa: E402
+from training.translation.augment import add_csf_rim, augment_tumour_intensity  # noqa: E402
 
 
 def scene():
@@ -79,3 +79,36 @@ def test_heterogeneity_gives_the_tumour_a_patchy_texture_around_the_mean_factor(
     assert patchy[core].std() > 0.05
     assert 1.0 < np.median(patchy[core]) < 1.5  # 0.6 × 2 = 1.2 on average
     assert np.array_equal(patchy[:, 20:, :], image[:, 20:, :])  # far from the tumour: unchanged
+
+
+def test_csf_rim_brightens_a_ring_around_the_tumour_only():
+    image, labels = scene()
+    image[0, 31, 31] = 1.2  # the brightest voxel sets the rim's brightness at the 100th percentile
+    out = add_csf_rim(image, labels, np.random.default_rng(0), width_voxels=(2, 2), brightness_percentile=100,
+                      brightness_range=(1.0, 1.0), coverage_range=(1.0, 1.0))
+    assert np.array_equal(out[labels == 1], image[labels == 1])  # the tumour keeps its intensity
+    assert np.all(out >= image)  # a rim never darkens
+    for rim_voxel in [(8, 10, 4), (8, 10, 3), (8, 4, 10), (8, 15, 10), (8, 10, 16)]:  # 2 voxels out, in-plane
+        assert out[rim_voxel] > 0.9
+    assert np.array_equal(out[:, 21:, :], image[:, 21:, :]) and np.array_equal(out[:, :, 20:25], image[:, :, 20:25])
+
+
+def test_csf_rim_coverage_makes_it_partial_and_no_tumour_means_no_change():
+    image, labels = scene()
+    image[0, 31, 31] = 1.2
+    kw = dict(width_voxels=(1, 1), brightness_percentile=100)
+    full = add_csf_rim(image, labels, np.random.default_rng(1), coverage_range=(1.0, 1.0), **kw)
+    part = add_csf_rim(image, labels, np.random.default_rng(1), coverage_range=(0.4, 0.4), **kw)
+    brightened_full, brightened_part = (full > image + 0.05).sum(), (part > image + 0.05).sum()
+    assert 0.25 * brightened_full < brightened_part < 0.65 * brightened_full
+    no_vs = np.where(labels == 1, 0, labels)
+    assert np.array_equal(add_csf_rim(image, no_vs, np.random.default_rng(0)), image)
+
+
+def test_relative_factor_sets_the_tumour_against_the_other_tissue_whatever_its_translated_brightness():
+    image, labels = scene()
+    for tumour in (0.2, 1.8):  # a translator's too-dark and ceT1-bright tumour
+        image[labels == 1] = tumour
+        out = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(1.5, 1.5),
+                                       relative_to_tissue=True)
+        assert np.isclose(out[8, 10, 10], 0.9, atol=1e-3)  # 1.5 × the 0.6 of the rest of the volume

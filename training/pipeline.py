@@ -65,7 +65,7 @@ from .mean_teacher import MeanTeacherConfig, train_mean_teacher
 from .pseudo_labels import EnsembleMember, PseudoLabelConfig, pseudo_label_crops
 from .segmentation import TrainConfig, dice_per_class, train_network
 from .train_supervised import _UNSET_SHA256, _localiser_spec, _prepare_one
-from .translation.augment import augment_tumour_intensity
+from .translation.augment import add_csf_rim, augment_tumour_intensity
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -451,7 +451,7 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
     n_copies = int(tcfg.get("random_contrast_copies", 0))
     rng_contrast = np.random.default_rng([run.cfg.get("seed", 0), 4])
     (d / "fake").mkdir(exist_ok=True)
-    n_aug = n_contrast = 0
+    n_aug = n_rim = n_contrast = 0
     for case_id, arrays in tqdm(src, desc="fake hrT2 crops", disable=not run.progress):
         out = d / "fake" / f"{case_id}.npz"
         if out.exists():
@@ -465,9 +465,15 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
                 # Extra copies with the tumour darkened or brightened: real VS intensity on hrT2 varies
                 # more than translation reproduces (CrossMoDA 2021 reports: +0.1 VS Dice).
                 if (lab == VS).any() and rng.random() < aug.get("probability", 0.0):
-                    images.append(augment_tumour_intensity(
+                    augmented = augment_tumour_intensity(
                         fake, lab, rng, tuple(aug["factor_range"]), tuple(aug.get("sigma_voxels", (0.5, 1.0, 1.0))),
-                        heterogeneity=float(aug.get("heterogeneity", 0.0))).astype(np.float16))
+                        heterogeneity=float(aug.get("heterogeneity", 0.0)),
+                        relative_to_tissue=bool(aug.get("relative_to_tissue", False)))
+                    # ... and, on some copies, the bright CSF outline a VS has on hrT2 (translation/augment.py).
+                    if aug.get("csf_rim_probability", 0.0) and rng.random() < aug["csf_rim_probability"]:
+                        augmented = add_csf_rim(augmented, lab, rng)
+                        n_rim += 1
+                    images.append(augmented.astype(np.float16))
                     labels.append(lab)
                     n_aug += 1
             # Domain randomisation, as for the localiser: the ceT1 crop through random intensity curves, so
@@ -477,7 +483,8 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
                 labels.append(lab)
                 n_contrast += 1
         _save_npz(out, images=np.stack(images), labels=np.stack(labels))
-    return {"snapshots": snaps, "tumour_augmented_copies": n_aug, "random_contrast_copies": n_contrast}
+    return {"snapshots": snaps, "tumour_augmented_copies": n_aug, "csf_rim_copies": n_rim,
+            "random_contrast_copies": n_contrast}
 
 
 def _fake_crops_by_case(run: Run) -> list[tuple[str, list]]:

@@ -6,19 +6,25 @@ translated images (darkening it by 50 %) raised VS Dice by about 0.1 (0.72 → 0
 VS region is multiplied by a random factor, darker or brighter, through a Gaussian-smoothed mask so the
 edit has no hard edge a network could learn to spot: weight ≈ 1 deep inside the tumour, ≈ 0.5 on its
 boundary, 0 a few σ outside.
+
+On hrT2 a VS is outlined by bright CSF: in the cerebellopontine cistern and, for the intracanalicular part,
+inside the CSF-filled internal auditory canal (a grey rod in a bright tube). A translator trained for a few
+hundred iterations renders the thin CSF of the canal as dark as the surrounding bone, so members trained on
+its fakes never see that outline. ``add_csf_rim`` paints a random, partial bright rim around the tumour.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import binary_dilation, gaussian_filter
 
 from VSCochleaSegLib.labels import VS
 
 
 def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng: np.random.Generator,
                              factor_range=(0.5, 1.5), sigma_voxels=1.0, probability: float = 1.0,
-                             label: int = VS, heterogeneity: float = 0.0, texture_sigma_voxels=2.0) -> np.ndarray:
+                             label: int = VS, heterogeneity: float = 0.0, texture_sigma_voxels=2.0,
+                             relative_to_tissue: bool = False, tissue_threshold: float = 0.05) -> np.ndarray:
     """Scale the intensity of the ``label`` region of ``image_zyx`` by a random factor.
 
     Args:
@@ -31,6 +37,10 @@ def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng:
         heterogeneity: 0 scales the tumour uniformly; h > 0 multiplies the factor by exp(h · n), n a smooth
             Gaussian random field of unit standard deviation (``texture_sigma_voxels``, scalar or per axis),
             so the tumour gets the patchy texture of heterogeneous or partly cystic schwannomas on T2.
+        relative_to_tissue: the drawn value is the tumour's new median *relative to the median of the other
+            tissue* (voxels above ``tissue_threshold``, engine-normalised scale) instead of a factor on its
+            translated intensity: the result no longer depends on how bright the translator made the tumour
+            (a CycleGAN may render it too dark, CUT may keep ceT1's enhancement).
 
     Returns the augmented image (an unchanged copy when there is no tumour or the ``probability`` draw
     fails).
@@ -43,8 +53,53 @@ def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng:
     if not mask.any() or rng.random() >= probability:
         return image.copy()
     factor = np.float32(rng.uniform(*factor_range))
+    if relative_to_tissue:
+        tissue = image[~mask & (image > tissue_threshold)]
+        reference = float(np.median(tissue)) if tissue.size else 1.0
+        factor = np.float32(factor * reference / max(float(np.median(image[mask])), 0.05 * reference))
     if heterogeneity > 0:
         field = gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), texture_sigma_voxels)
         factor = factor * np.exp(heterogeneity * field / max(float(field.std()), 1e-6))
     weight = gaussian_filter(mask.astype(np.float32), sigma_voxels)
     return image * (1.0 + (factor - 1.0) * weight)
+
+
+def add_csf_rim(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng: np.random.Generator,
+                width_voxels=(1, 3), brightness_percentile: float = 99.0, brightness_range=(0.8, 1.1),
+                coverage_range=(0.4, 1.0), sigma_voxels=(0.5, 0.7, 0.7), texture_sigma_voxels=(1.0, 3.0, 3.0),
+                label: int = VS) -> np.ndarray:
+    """Brighten a partial rim around the ``label`` region to CSF brightness (hrT2 cisterns and canal).
+
+    Args:
+        image_zyx: a (translated) volume (z, y, x), any float scaling; returned as a new float32 array.
+        labels_zyx: its label map, same shape.
+        width_voxels: the rim is the tumour dilated in-plane by w voxels (w uniform integer in this range,
+            both ends included; one voxel along z), minus the tumour.
+        brightness_percentile, brightness_range: the rim's target intensity is the image's percentile
+            (CSF is the brightest tissue on hrT2) times a uniform factor in this range.
+        coverage_range: a smooth random field keeps a share of the rim uniform in this range, so the rim is
+            patchy (tumour against brainstem or nerve has no CSF) rather than a tell-tale full ring.
+        sigma_voxels: Gaussian softening of the rim's edges (z, y, x).
+
+    Only brightens (a rim voxel never gets darker); the tumour itself and voxels beyond the rim keep their
+    values. An unchanged copy when there is no tumour.
+    """
+    image = np.asarray(image_zyx, dtype=np.float32)
+    labels = np.asarray(labels_zyx)
+    if labels.shape != image.shape:
+        raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
+    mask = labels == label
+    if not mask.any():
+        return image.copy()
+    width = int(rng.integers(width_voxels[0], width_voxels[1] + 1))
+    in_plane, along_z = np.zeros((3, 3, 3), bool), np.zeros((3, 3, 3), bool)
+    in_plane[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    along_z[:, 1, 1] = True
+    rim = binary_dilation(binary_dilation(mask, in_plane, iterations=width), along_z) & ~mask
+    if not rim.any():  # the tumour fills the volume
+        return image.copy()
+    field = gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), texture_sigma_voxels)
+    rim &= field >= np.quantile(field[rim], 1.0 - rng.uniform(*coverage_range))
+    weight = gaussian_filter(rim.astype(np.float32), sigma_voxels) * ~mask
+    bright = np.float32(np.percentile(image, brightness_percentile) * rng.uniform(*brightness_range))
+    return image + weight * np.maximum(bright - image, 0.0)
