@@ -553,6 +553,7 @@ def test_method_b_variant_trains_mean_teachers_and_fuses_with_cleanlab(method_a_
         os.symlink(out / stage, run_b / stage)
     cfg = pipeline.deep_update(tiny_config(), tiny_config()["variants"]["method_b"])
     cfg["data"]["folds"] = 1
+    cfg["translation"]["crops"]["model"] = "cut"  # method b's own translation, as in crossmoda.json
     backend = FakeBackend()
     model = pipeline.run_pipeline(uda_data, run_b, cfg, backend=backend, progress=False)
     assert backend.trained == ["cut"]  # the shared localiser-scale translation was not redone
@@ -763,6 +764,12 @@ def test_benchmark_scores_every_variant_and_writes_json_table_and_plot(tmp_path,
     assert cfg["benchmark"]["oracle_shares_localiser"] is True
     assert (runs / "oracle" / "localiser.safetensors").read_bytes() == \
         (runs / "method_a" / "localiser" / "localiser.safetensors").read_bytes()
+    # phantom-cpu: method b trains on method a's fake hrT2 (same folder), and its minutes count them once
+    assert (runs / "method_b" / "translate_crops").resolve() == (runs / "method_a" / "translate_crops").resolve()
+    stage_minutes = {s: json.loads((runs / "method_a" / s / "done.json").read_text(encoding="utf-8"))["minutes"]
+                     for s in cfg["benchmark"]["shared_with_method_b"]}
+    own_b = json.loads((runs / "method_b" / "self_train" / "done.json").read_text(encoding="utf-8"))["minutes"]
+    assert written["variants"]["method_b"]["train_minutes"] == round(sum(stage_minutes.values()) + own_b, 1)
     assert "Session-by-session analysis" in (tmp_path / "docs" / "phantom_uda.md").read_text(encoding="utf-8")
     test_ids = {p.name for p in (tmp_path / "work" / "data" / "test").iterdir()}
     train_ids = {p.name for p in (tmp_path / "work" / "data" / "uda").iterdir()}

@@ -13,8 +13,10 @@ scores as an empty prediction, as in the challenge):
   segmenter);
 - ``translation_only``: the pipeline's stage-3 members (fake hrT2 only);
 - ``full_pipeline``: method a, stage-5 members (fake hrT2 + pseudo-labelled real hrT2);
-- ``method_b``: CUT translation + Mean Teacher + cleanlab fusion (the first stages — prepare, 2 mm
-  translation, localiser, real hrT2 crops — are the method-a run's, shared because they are identical);
+- ``method_b``: Mean Teacher + cleanlab fusion on its translation's fake hrT2 (CutSeg in ``crossmoda``); the
+  stages listed in ``benchmark.shared_with_method_b`` — prepare, 2 mm translation, localiser, real hrT2
+  crops and, in ``phantom-cpu``, the crop translation — are the method-a run's folders, shared because
+  their configs are identical (a stage whose config differs refuses to run in a shared folder);
 - ``oracle``: members trained on the target hrT2 phantoms *with* their labels; its localiser is trained on
   those labels too, or, with ``benchmark.oracle_shares_localiser``, is the method-a run's (then every variant
   finds the ears with the same network and differs only in its segmentation members).
@@ -267,8 +269,10 @@ def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=Non
         if not (run_b_dir / stage).exists():
             os.symlink((runs / "method_a" / stage).resolve(), run_b_dir / stage)
     model_b = pipeline.run_pipeline(data["uda"], run_b_dir, cfg_b, backend, progress)
-    mb = {s: json.loads((run_b_dir / s / "done.json").read_text(encoding="utf-8"))["minutes"] for s in ("translate_crops", "self_train")}
-    minutes["method_b"] = shared + sum(mb.values())
+    own_b = [s for s in pipeline._STAGE_ORDER  # method b's own stages: not shared, and run for this variant
+             if s not in bench.get("shared_with_method_b", []) and (run_b_dir / s / "done.json").exists()]
+    minutes["method_b"] = shared + sum(json.loads((run_b_dir / s / "done.json").read_text(encoding="utf-8"))["minutes"]
+                                       for s in own_b)
 
     no_adapt_model, no_adapt_min = train_no_adaptation(run_a, runs / "no_adaptation", cfg, progress)
     minutes["no_adaptation"] = m["prepare"] + m["translate_localiser"] + m["localiser"] + no_adapt_min
