@@ -563,6 +563,46 @@ def test_method_b_variant_trains_mean_teachers_and_fuses_with_cleanlab(method_a_
     assert not (run_b / "segment").exists()
 
 
+def test_rerun_stages_changes_only_the_listed_stages_and_scores_the_result(method_a_run, uda_data, tmp_path):
+    """The experiment tool behind docs/training.md's one-change-at-a-time tables."""
+    from safetensors.torch import load_file
+    from training.experiments import rerun_stages
+    from VSCochleaSegLib.phantoms import make_case, write_case
+
+    out, _, _ = method_a_run
+    test_dir = tmp_path / "test"
+    write_case(make_case(77003, 0, ("hrT2",), "hrT2", "test_0", acquisition=SMALL_ACQUISITION), test_dir)
+    new = tmp_path / "rerun"
+    scores = rerun_stages.main([str(out), str(new), '{"members.1.train.seed": 5, "self_training.train.iterations": 1}',
+                                "--stages", "segment", "pseudo_labels", "self_train", "--data", str(uda_data),
+                                "--test", str(test_dir)])
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops", "translate_crops"):
+        assert (new / stage).is_symlink() and (new / stage).resolve() == (out / stage).resolve()
+    for stage in ("segment", "pseudo_labels", "self_train"):
+        assert not (new / stage).is_symlink() and (new / stage / "done.json").exists()
+    cfg = json.loads((new / "config.json").read_text(encoding="utf-8"))
+    assert cfg["members"][1]["train"]["seed"] == 5 and cfg["members"][0]["train"]["seed"] == 2
+    assert cfg["self_training"]["train"] == {"iterations": 1}
+    before = load_file(str(out / "segment" / "seg2d_f0.safetensors"))
+    after = load_file(str(new / "segment" / "seg2d_f0.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # another seed, another network
+    written = json.loads((new / "scores.json").read_text(encoding="utf-8"))
+    assert set(written["scores"]) == set(scores) == {"translation_only", "self_trained"}
+    assert set(written["scores"]["self_trained"]["per_case_dice"]) == {"test_0"}
+    assert 0.0 <= written["scores"]["translation_only"]["mean"]["Cochlea_Dice"] <= 1.0
+
+
+def test_rerun_stages_overrides_follow_dotted_paths_into_lists():
+    from training.experiments.rerun_stages import apply_overrides
+
+    cfg = {"members": [{"train": {"seed": 1}}, {"train": {"seed": 2}}], "translation": {}}
+    apply_overrides(cfg, {"members.1.train.seed": 13, "translation.crops.iterations": 1200})
+    assert cfg == {"members": [{"train": {"seed": 1}}, {"train": {"seed": 13}}],
+                   "translation": {"crops": {"iterations": 1200}}}
+    with pytest.raises(IndexError):
+        apply_overrides(cfg, {"members.2.train.seed": 3})
+
+
 def test_warm_started_self_training_fine_tunes_the_stage3_members_with_its_own_settings(method_a_run, uda_data,
                                                                                           tmp_path, monkeypatch):
     from safetensors.torch import load_file
