@@ -252,11 +252,8 @@ def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=Non
     # Method a: one run gives translation_only (stage 3) and full_pipeline (stage 5).
     full_model = pipeline.run_pipeline(data["uda"], runs / "method_a", cfg, backend, progress)
     run_a = pipeline.Run(data["uda"], runs / "method_a", cfg, backend, progress)
-    for name in pipeline._STAGE_ORDER:  # fills run_a.minutes from the done markers
-        if (run_a.out / name / "done.json").exists():
-            run_a.minutes[name] = json.loads((run_a.out / name / "done.json").read_text(encoding="utf-8"))["minutes"]
+    run_a.minutes.update(pipeline.stage_minutes(run_a.out))
     m = run_a.minutes
-    shared = sum(m[s] for s in bench.get("shared_with_method_b", []))
     stage3 = sum(m[s] for s in _STAGES_A + ["segment"])
     minutes = {"translation_only": stage3, "full_pipeline": stage3 + m["pseudo_labels"] + m["self_train"]}
 
@@ -269,10 +266,7 @@ def run_benchmark(out_dir, work, config: str | dict = "phantom-cpu", backend=Non
         if not (run_b_dir / stage).exists():
             os.symlink((runs / "method_a" / stage).resolve(), run_b_dir / stage)
     model_b = pipeline.run_pipeline(data["uda"], run_b_dir, cfg_b, backend, progress)
-    own_b = [s for s in pipeline._STAGE_ORDER  # method b's own stages: not shared, and run for this variant
-             if s not in bench.get("shared_with_method_b", []) and (run_b_dir / s / "done.json").exists()]
-    minutes["method_b"] = shared + sum(json.loads((run_b_dir / s / "done.json").read_text(encoding="utf-8"))["minutes"]
-                                       for s in own_b)
+    minutes["method_b"] = sum(pipeline.stage_minutes(run_b_dir).values())  # the shared (linked) stages once
 
     no_adapt_model, no_adapt_min = train_no_adaptation(run_a, runs / "no_adaptation", cfg, progress)
     minutes["no_adaptation"] = m["prepare"] + m["translate_localiser"] + m["localiser"] + no_adapt_min

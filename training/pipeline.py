@@ -702,6 +702,18 @@ def export_model(run: Run, stage: str, target: Path, fusion: str | None = None, 
 # Entry points
 # --------------------------------------------------------------------------------------------------
 
+STAGE_FUNCTIONS: dict[str, Callable[[Run, Path], dict | None]] = {
+    "prepare": stage_prepare, "translate_localiser": stage_translate_localiser, "localiser": stage_localiser,
+    "target_crops": stage_target_crops, "translate_crops": stage_translate_crops, "segment": stage_segment,
+    "pseudo_labels": stage_pseudo_labels, "self_train": stage_self_train}
+
+
+def stage_minutes(run_dir) -> dict[str, float]:
+    """Minutes of every finished stage of a run folder (its ``done.json`` markers, linked stages included)."""
+    run_dir = Path(run_dir)
+    return {name: json.loads((run_dir / name / "done.json").read_text(encoding="utf-8"))["minutes"]
+            for name in _STAGE_ORDER if (run_dir / name / "done.json").exists()}
+
 def run_pipeline(data_dir, out_dir, cfg: dict, backend: TranslationBackend | None = None, progress: bool = True,
                  model_out=None, until: str | None = None) -> Path | None:
     """Run every stage (up to ``until``) and export the model folder(s); returns the final model folder."""
@@ -709,22 +721,20 @@ def run_pipeline(data_dir, out_dir, cfg: dict, backend: TranslationBackend | Non
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     mode = cfg.get("self_training", {}).get("mode", "pseudo_labels")
-    stages = [("prepare", stage_prepare), ("translate_localiser", stage_translate_localiser),
-              ("localiser", stage_localiser), ("target_crops", stage_target_crops),
-              ("translate_crops", stage_translate_crops)]
+    stages = ["prepare", "translate_localiser", "localiser", "target_crops", "translate_crops"]
     if mode != "mean_teacher":
-        stages += [("segment", stage_segment)]
+        stages += ["segment"]
     if mode == "pseudo_labels":
-        stages += [("pseudo_labels", stage_pseudo_labels)]
+        stages += ["pseudo_labels"]
     if mode != "none":
-        stages += [("self_train", stage_self_train)]
-    for name, fn in stages:
-        run.stage(name, lambda d, fn=fn: fn(run, d))
+        stages += ["self_train"]
+    for name in stages:
+        run.stage(name, lambda d, fn=STAGE_FUNCTIONS[name]: fn(run, d))
         if distributed.is_main() and name == "segment":
             export_model(run, "segment", run.out / "model_translation_only")
         if name == until:
             return None
-    final_stage = stages[-1][0]
+    final_stage = stages[-1]
     target = Path(model_out) if model_out else run.out / "model"
     if distributed.is_main():
         export_model(run, final_stage, target)

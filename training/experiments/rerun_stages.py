@@ -35,10 +35,7 @@ def apply_overrides(cfg: dict, overrides: dict) -> dict:
         *head, last = key.split(".")
         for part in head:
             node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+        node[int(last) if isinstance(node, list) else last] = value
     return cfg
 
 
@@ -66,16 +63,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--fresh-translator", action="store_true", help="train the crop translator again")
     args = ap.parse_args(argv)
 
-    cfg = apply_overrides(json.loads((args.src / "config.json").read_text(encoding="utf-8")), json.loads(args.overrides))
+    overrides = json.loads(args.overrides)
+    cfg = apply_overrides(json.loads((args.src / "config.json").read_text(encoding="utf-8")), overrides)
     link_other_stages(args.src, args.out, args.stages, args.fresh_translator)
     run = pipeline.Run(args.data, args.out, cfg, progress=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    functions = {"translate_crops": pipeline.stage_translate_crops, "segment": pipeline.stage_segment,
-                 "pseudo_labels": pipeline.stage_pseudo_labels, "self_train": pipeline.stage_self_train}
     for name in pipeline._STAGE_ORDER:
         if name in args.stages:
-            done = run.stage(name, lambda d, fn=functions[name]: fn(run, d))
+            done = run.stage(name, lambda d, fn=pipeline.STAGE_FUNCTIONS[name]: fn(run, d))
             print(f"{name}: {done['minutes']} min", flush=True)
     models = {}
     if "segment" in args.stages:
@@ -95,7 +91,7 @@ def main(argv=None) -> dict:
                                               for case, c in result["cases"].items()}}
             print(name, json.dumps(scores[name]["mean"]), flush=True)
         tmp = args.out / "scores.json.tmp"
-        tmp.write_text(json.dumps({"overrides": json.loads(args.overrides), "stages": args.stages,
+        tmp.write_text(json.dumps({"overrides": overrides, "stages": args.stages,
                                    "source_run": str(args.src), "scores": scores}, indent=2), encoding="utf-8")
         tmp.replace(args.out / "scores.json")
     return scores
