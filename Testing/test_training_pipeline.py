@@ -814,3 +814,20 @@ def test_benchmark_scores_every_variant_and_writes_json_table_and_plot(tmp_path,
     test_ids = {p.name for p in (tmp_path / "work" / "data" / "test").iterdir()}
     train_ids = {p.name for p in (tmp_path / "work" / "data" / "uda").iterdir()}
     assert not test_ids & train_ids
+
+
+def test_fake_vs_appearance_measures_the_tumour_and_the_csf_share_of_its_ring():
+    """A 0.4 tumour whose 3-voxel ring is CSF-bright (1.0) on one side and tissue (0.3) elsewhere."""
+    from training.experiments.fake_vs_appearance import ring_stats
+
+    image = np.full((3, 40, 40), 0.3, np.float32)
+    vs = np.zeros(image.shape, bool)
+    vs[:, 15:25, 15:25] = True
+    image[vs] = 0.4
+    image[:, :, :15] = 1.0  # bright CSF left of the tumour
+    s = ring_stats(image, vs)
+    ring = 16 * 16 - 10 * 10  # per slice: the 16 × 16 dilated square minus the tumour
+    bright = 3 * 16  # the 3 columns left of the tumour, 16 rows each
+    assert s["vs_median"] == pytest.approx(0.4) and s["ring_median"] == pytest.approx(0.3)
+    assert s["ring_bright_share"] == pytest.approx(bright / ring)
+    assert s["vs_over_ring"] == pytest.approx(0.4 / 0.3) and s["vs_voxels"] == 300
