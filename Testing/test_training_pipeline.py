@@ -416,6 +416,39 @@ def test_class_weights_raise_the_loss_of_rare_classes_the_network_misses(tmp_pat
     assert losses["weighted"] > losses["plain"] > 0
 
 
+def test_weight_averaging_exports_the_mean_of_the_weights_sampled_after_its_start_also_across_a_resume(
+        tmp_path, monkeypatch):
+    """``swa_start_fraction`` 0.5 of 6 iterations, every iteration: the exported weights are the mean of the
+    weights after iterations 4, 5 and 6, not the last ones, also when training was stopped after 5 and resumed."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from training.segmentation import TrainConfig, train_network
+
+    seen, stop_at = [], [3]
+    original = AveragedModel.update_parameters
+
+    def recording(self, model):
+        if len(seen) + 1 == stop_at[0]:
+            raise KeyboardInterrupt  # the run dies during iteration 6
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return original(self, model)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", recording)
+    cfg = TrainConfig(network=TINY_NET2, patch_size_zyx=[24, 24], iterations=6, optimizer="adamw", threads=1,
+                      checkpoint_every=1, swa_start_fraction=0.5, swa_every=1, learning_rate=0.01)
+    with pytest.raises(KeyboardInterrupt):
+        train_network(_tiny_arrays(), cfg, tmp_path, "swa", progress=False)
+    ckpt = torch.load(tmp_path / "swa_checkpoint.pt", weights_only=True)
+    assert ckpt["iteration"] == 5 and int(ckpt["swa"]["n_averaged"]) == 2
+    stop_at[0] = 0
+    sd = train_network(_tiny_arrays(), cfg, tmp_path, "swa", progress=False)
+    assert len(seen) == 3
+    last = torch.load(tmp_path / "swa_checkpoint.pt", weights_only=True)["net"]
+    key = next(k for k in sd if k.endswith("weight") and sd[k].dim() > 1)
+    torch.testing.assert_close(sd[key], torch.stack([s[key] for s in seen]).mean(0))
+    assert not torch.allclose(sd[key], last[key])
+
+
 def test_without_torchrun_networks_are_not_wrapped():
     from training import distributed
 

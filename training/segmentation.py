@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from torch.optim.swa_utils import AveragedModel
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -49,6 +50,11 @@ class TrainConfig:
     random_contrast_probability: float = 0.0
     # Per-class weights of the cross-entropy and Dice terms (background, VS, cochlea); None = equal.
     class_weights: list | None = None
+    # Stochastic weight averaging (Izmailov et al. 2018; SWAD, Cha et al. 2021, for domain generalisation):
+    # export the mean of the weights sampled every ``swa_every`` iterations from ``swa_start_fraction`` of
+    # training on, instead of the last weights; 0 = off.
+    swa_start_fraction: float = 0.0
+    swa_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
     threads: int | None = None
@@ -203,8 +209,12 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
         load_initial_weights(net, Path(init_from))
     net = net.to(dev)
     opt = _optimizer(net, cfg)
+    swa = AveragedModel(net) if cfg.swa_start_fraction > 0 else None
+    swa_start = int(round(cfg.swa_start_fraction * cfg.iterations))
     if ckpt is not None:
         opt.load_state_dict(ckpt["opt"])
+        if swa is not None and "swa" in ckpt:
+            swa.load_state_dict(ckpt["swa"])
     model = distributed.wrap(net)
     main = distributed.is_main()
     if main:
@@ -240,6 +250,8 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
             torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
             opt.step()
             running.append(loss.item())
+            if swa is not None and it + 1 > swa_start and (it + 1 - swa_start) % cfg.swa_every == 0:
+                swa.update_parameters(net)
             if (it + 1) % 20 == 0:
                 writer.writerow([it + 1, np.mean(running), lr, round(time.time() - t0, 1)])
                 f.flush()
@@ -247,7 +259,12 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
                 running = []
             if main and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
                 tmp = ckpt_path.with_suffix(".tmp")
-                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "iteration": it + 1}, tmp)
+                state = {"net": net.state_dict(), "opt": opt.state_dict(), "iteration": it + 1}
+                if swa is not None:
+                    state["swa"] = swa.state_dict()
+                torch.save(state, tmp)
                 tmp.replace(ckpt_path)
     net.eval()
+    if swa is not None and int(swa.n_averaged) > 0:
+        return inference_state_dict(swa.module.eval())
     return inference_state_dict(net)
