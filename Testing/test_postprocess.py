@@ -75,3 +75,20 @@ def test_localiser_picks_one_cochlea_each_side_and_mirrors_a_missing_one():
     assert ears_found.mirrored == {"right": True}
     assert ears_found.cochlea_lps["left"][0] > ears_found.midline_point_lps[0] > ears_found.cochlea_lps["right"][0]
     assert ears_found.warnings
+
+
+def test_a_vs_far_from_the_cochlea_in_3d_is_dropped_before_the_largest_is_chosen():
+    """Left cochlea centre at (60, 20, 20) mm. A large blob whose nearest voxel is 16.2 mm away (cerebellum) and a
+    small one 4 mm away (the canal): without the 3D rule the large one wins, with 15 mm the small one is kept."""
+    lab = np.zeros((40, 40, 80), np.uint8)
+    lab[15:25, 35:40, 45:55] = 1  # large: nearest voxel (54, 35, 20) → √(36 + 225) ≈ 16.2 mm
+    lab[18:21, 18:21, 64:67] = 1  # small: x 64–66, nearest voxel (64, 19…20, 19…20) → 4 mm
+    plain = postprocess_labels(lab, reference(), ears(), SPEC)
+    assert plain[20, 37, 50] == 1 and plain[19, 19, 65] == 0
+    spec = PostprocessSpec(True, True, 20.0, 0.0, vs_max_distance_from_cochlea_mm=15.0)
+    out = postprocess_labels(lab, reference(), ears(), spec)
+    assert out[20, 37, 50] == 0 and out[19, 19, 65] == 1
+    # the same blob alone is kept when it comes within the distance, and the right side has its own cochlea
+    near = np.zeros_like(lab)
+    near[15:25, 30:35, 45:55] = 1  # nearest voxel (54, 30, 20) → √(36 + 100) ≈ 11.7 mm
+    assert postprocess_labels(near, reference(), ears(), spec).sum() == near.sum()

@@ -435,6 +435,10 @@ class PostprocessSpec(_Spec):
     keep_largest_cochlea_per_side: bool
     vs_max_z_distance_from_cochlea_mm: float
     min_vs_volume_mm3: float
+    # A VS grows from the vestibular nerve in the internal auditory canal, whose fundus abuts the cochlea: a "VS"
+    # component none of whose voxels comes within this distance (3D, mm) of its side's cochlea centre is not one.
+    # 0 = no check (optional key; older model folders do not have it).
+    vs_max_distance_from_cochlea_mm: float = 0.0
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = MODEL_JSON, field: str = "postprocess") -> PostprocessSpec:
@@ -443,7 +447,9 @@ class PostprocessSpec(_Spec):
         return cls(keep_largest_vs_per_side=obj.flag("keep_largest_vs_per_side"),
                    keep_largest_cochlea_per_side=obj.flag("keep_largest_cochlea_per_side"),
                    vs_max_z_distance_from_cochlea_mm=obj.number("vs_max_z_distance_from_cochlea_mm", minimum=0.0),
-                   min_vs_volume_mm3=obj.number("min_vs_volume_mm3", minimum=0.0))
+                   min_vs_volume_mm3=obj.number("min_vs_volume_mm3", minimum=0.0),
+                   vs_max_distance_from_cochlea_mm=obj.number("vs_max_distance_from_cochlea_mm", default=0.0,
+                                                              minimum=0.0))
 
 
 @dataclass(frozen=True)

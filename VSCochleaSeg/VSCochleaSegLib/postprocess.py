@@ -2,8 +2,11 @@
 
 Following both CrossMoDA methods: for each side keep only the largest cochlea component and the largest
 VS component, and drop VS components whose centre lies farther than a set distance (mm, along the
-superior-inferior axis) from that side's cochlea — the seed rule was 15 slices. Thresholds come from the
-model folder's ``postprocess`` section.
+superior-inferior axis) from that side's cochlea — the seed rule was 15 slices. Optionally (anatomy: a VS
+fills part of the internal auditory canal, which ends at the cochlea) VS components none of whose voxels comes
+within a set 3D distance of that side's cochlea centre are dropped *before* the largest is chosen, so a large
+false "VS" in the cerebellum cannot displace a smaller true one. Thresholds come from the model folder's
+``postprocess`` section.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
             for k, side in enumerate(sides):
                 dz = abs(centroids_lps[k][2] - ears.cochlea_lps[side][2])
                 keep[k] &= dz <= spec.vs_max_z_distance_from_cochlea_mm
+            if spec.vs_max_distance_from_cochlea_mm > 0:
+                keep &= nearest_distance_mm(comps, ids, sides, reference, ears) <= spec.vs_max_distance_from_cochlea_mm
         if keep_largest:
             for side in ("left", "right"):
                 candidates = np.nonzero(keep & (sides == side))[0]
@@ -52,3 +57,19 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
         if len(drop):
             out[np.isin(comps, drop) & mask] = 0
     return out
+
+
+def nearest_distance_mm(comps: np.ndarray, ids: np.ndarray, sides: np.ndarray, reference: sitk.Image, ears) -> np.ndarray:
+    """For each component ``ids[k]`` of ``comps`` (z, y, x), the distance (mm, LPS) from its nearest voxel centre
+    to the cochlea centre of its side ``sides[k]``."""
+    voxels = np.argwhere(comps > 0)
+    owner = comps[tuple(voxels.T)]
+    points = index_to_lps(reference, voxels)
+    side_of = dict(zip(ids, sides))
+    out = np.full(int(comps.max()) + 1, np.inf)
+    for side in ("left", "right"):
+        mine = np.isin(owner, [i for i in ids if side_of[i] == side])
+        if mine.any():
+            d = np.linalg.norm(points[mine] - np.asarray(ears.cochlea_lps[side], float), axis=1)
+            np.minimum.at(out, owner[mine], d)
+    return out[ids]
