@@ -714,6 +714,7 @@ def stage_minutes(run_dir) -> dict[str, float]:
     return {name: json.loads((run_dir / name / "done.json").read_text(encoding="utf-8"))["minutes"]
             for name in _STAGE_ORDER if (run_dir / name / "done.json").exists()}
 
+
 def run_pipeline(data_dir, out_dir, cfg: dict, backend: TranslationBackend | None = None, progress: bool = True,
                  model_out=None, until: str | None = None) -> Path | None:
     """Run every stage (up to ``until``) and export the model folder(s); returns the final model folder."""

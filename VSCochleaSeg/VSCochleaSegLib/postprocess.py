@@ -63,13 +63,11 @@ def nearest_distance_mm(comps: np.ndarray, ids: np.ndarray, sides: np.ndarray, r
     """For each component ``ids[k]`` of ``comps`` (z, y, x), the distance (mm, LPS) from its nearest voxel centre
     to the cochlea centre of its side ``sides[k]``."""
     voxels = np.argwhere(comps > 0)
-    owner = comps[tuple(voxels.T)]
-    points = index_to_lps(reference, voxels)
-    side_of = dict(zip(ids, sides))
-    out = np.full(int(comps.max()) + 1, np.inf)
-    for side in ("left", "right"):
-        mine = np.isin(owner, [i for i in ids if side_of[i] == side])
-        if mine.any():
-            d = np.linalg.norm(points[mine] - np.asarray(ears.cochlea_lps[side], float), axis=1)
-            np.minimum.at(out, owner[mine], d)
-    return out[ids]
+    k = np.zeros(int(comps.max()) + 1, int)
+    k[ids] = np.arange(len(ids))
+    k = k[comps[tuple(voxels.T)]]  # each voxel's position in ``ids``
+    cochleae = np.array([ears.cochlea_lps[side] for side in sides], float)
+    d = np.linalg.norm(index_to_lps(reference, voxels) - cochleae[k], axis=1)
+    out = np.full(len(ids), np.inf)
+    np.minimum.at(out, k, d)
+    return out

@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from scipy.ndimage import binary_dilation
 
 from VSCochleaSegLib.localise import EarLocations
+from VSCochleaSegLib.normalisation import IntensityScale
 
 from training import pipeline
 
@@ -72,11 +73,6 @@ def fake_crop_stats(run_dir: Path, snapshots: int) -> list[dict]:
     return out
 
 
-class _Unscaled:
-    def apply(self, array):
-        return array
-
-
 def real_crop_stats(run_dir: Path, labels_dir: Path, min_voxels: int = 20) -> list[dict]:
     """Stats of the real hrT2 ear crops, their VS cut from the target label maps on the pipeline's crop grids."""
     cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
@@ -87,7 +83,7 @@ def real_crop_stats(run_dir: Path, labels_dir: Path, min_voxels: int = 20) -> li
         vs = sitk.Cast(sitk.ReadImage(str(labels_dir / f"{p.stem}_Label.nii.gz")) == 1, sitk.sitkFloat32)
         axis = (left - right) / np.linalg.norm(left - right)  # towards the left ear: the midline is between them
         ears = EarLocations({"left": left, "right": right}, (left + right) / 2, axis)
-        for crop, mask in zip(crops, pipeline.ear_crops(vs, ears, cfg, _Unscaled())):
+        for crop, mask in zip(crops, pipeline.ear_crops(vs, ears, cfg, IntensityScale(0.0, 1.0))):
             mask = mask.astype(np.float32) > 0.5
             if mask.sum() >= min_voxels:
                 out.append(ring_stats(crop.astype(np.float32), mask))
