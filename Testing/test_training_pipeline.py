@@ -252,6 +252,38 @@ def test_pseudo_label_can_ignore_unsure_voxels_and_removed_components_instead_of
     assert (labels == IGNORE).sum() == 3 and (labels == 0).sum() == 4 * 10 * 10 - 32 - 3
 
 
+def test_pseudo_label_teaches_confident_vs_far_from_the_cochlea_as_background_hard_negatives():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    probs = np.zeros((3, 4, 24, 24), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:3, 10:13, 20:23] = np.array([0.1, 0.0, 0.9])[:, None, None, None]  # cochlea, lateral (x 20-22)
+    probs[:, :, 2:12, 0:6] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # large "VS", 7.5 mm medial
+    probs[:, 1:3, 10:13, 14:17] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # small VS, 2 mm from it
+    base = dict(min_vs_voxels=1, vs_max_distance_to_cochlea_mm=4.0, spacing_zyx_mm=(1.0, 0.5, 0.5),
+                ignore_uncertain=True, no_vs_label_beyond_cochlea_mm=3.0)
+    far_vs = np.zeros(probs.shape[1:], bool)
+    far_vs[:, 2:12, 0:6] = True
+    plain, _ = pseudo_label(probs, PseudoLabelConfig(**base))
+    assert (plain[far_vs] == IGNORE).all()  # removed component: no loss
+    hard, conf = pseudo_label(probs, PseudoLabelConfig(**base, hard_negative_beyond_cochlea_mm=6.0))
+    assert (hard[far_vs] == 0).all() and (hard == 1).sum() == 2 * 3 * 3 and hard[1, 11, 15] == 1
+    assert conf == pytest.approx(0.9)
+    # Beyond 8 mm the large component is not far enough to be a hard negative: it stays IGNORE.
+    assert (pseudo_label(probs, PseudoLabelConfig(**base, hard_negative_beyond_cochlea_mm=8.0))[0][far_vs]
+            == IGNORE).all()
+    # No VS near the cochlea: far voxels are IGNORE (a missed tumour may lie there), the false "VS" background.
+    probs[:, 1:3, 10:13, 14:17] = np.array([1.0, 0.0, 0.0])[:, None, None, None]
+    alone, _ = pseudo_label(probs, PseudoLabelConfig(**base, hard_negative_beyond_cochlea_mm=6.0))
+    assert not (alone == 1).any() and (alone[far_vs] == 0).all() and (alone[~far_vs] == IGNORE).sum() > 100
+    # Without a cochlea there is no anchor, so nothing is called a hard negative.
+    probs[2] = 0.0
+    probs[0] = 1.0 - probs[1]
+    assert not (pseudo_label(probs, PseudoLabelConfig(**base, hard_negative_beyond_cochlea_mm=6.0))[0][far_vs]
+                == 0).any()
+
+
 def test_pseudo_label_without_a_found_vs_only_teaches_the_cochlea_surroundings():
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label
     from training.segmentation import IGNORE

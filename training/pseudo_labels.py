@@ -12,6 +12,8 @@ methods clean their outputs and filtered by confidence:
 - a crop whose label map has (almost) no cochlea is a failed prediction (``min_cochlea_voxels``);
 - optionally (``ignore_uncertain``, ``no_vs_label_beyond_cochlea_mm``) unsure voxels, removed components and,
   in crops without a found VS, everything far from the cochlea get the IGNORE label (no loss);
+- optionally (``hard_negative_beyond_cochlea_mm``) confident "VS" components far from the cochlea are labelled
+  background even where IGNORE would otherwise apply: label-free hard negatives (cerebellum, brainstem edges);
 - optionally (``one_vs_per_scan``) the CrossMoDA prior that every scan holds one unilateral VS: the crops of
   a scan where the ensemble found no VS are not used (it missed the tumour), only the largest found VS of a
   scan is kept (smaller "VS" in its other ear become IGNORE), and the other ear is then known to be
@@ -73,6 +75,12 @@ class PseudoLabelConfig:
     # largest is kept. The other ear of a scan with a found VS is tumour-free and is labelled in full
     # (``no_vs_label_beyond_cochlea_mm`` is not applied to it). Off for cohorts with VS-free or NF2 scans.
     one_vs_per_scan: bool = False
+    # Label-free hard negatives: a confident "VS" component none of whose voxels comes within this distance (mm)
+    # of the crop's cochlea is cerebellum or brainstem edge, never a tumour of this ear (on real hrT2 the members'
+    # false "VS" lie 16-35 mm from the cochlea centre, true ones within 13 mm; docs/training.md). Such components
+    # are labelled background, overriding IGNORE, so retraining learns "not VS" there instead of "no loss".
+    # Must exceed ``vs_max_distance_to_cochlea_mm`` (components in between stay dropped/IGNORE). 0 = off.
+    hard_negative_beyond_cochlea_mm: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,10 +132,16 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
     unsure = top < cfg.min_voxel_confidence
     labels[(labels > 0) & unsure] = 0
     dropped = np.zeros(labels.shape, bool)  # foreground components the checks below remove
+    hard_negative = np.zeros(labels.shape, bool)  # confident "VS" far from the cochlea: taught as background
     for c in (COCHLEA, VS):
         mask = labels == c
         if not mask.any():
             continue
+        if c == VS and cfg.hard_negative_beyond_cochlea_mm > 0 and (labels == COCHLEA).any():
+            hard_negative = mask & ~_near(labels == COCHLEA, mask, cfg.hard_negative_beyond_cochlea_mm,
+                                          cfg.spacing_zyx_mm)
+            labels[hard_negative] = 0
+            mask = mask & ~hard_negative
         if c == VS and cfg.vs_max_distance_to_cochlea_mm > 0:
             near = _near(labels == COCHLEA, mask, cfg.vs_max_distance_to_cochlea_mm, cfg.spacing_zyx_mm)
             dropped |= mask & ~near
@@ -151,6 +165,7 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         far = ndimage.distance_transform_edt(labels != COCHLEA, sampling=cfg.spacing_zyx_mm) \
             > cfg.no_vs_label_beyond_cochlea_mm
         labels[far] = IGNORE
+    labels[hard_negative] = 0
     return labels, confidence
 
 
