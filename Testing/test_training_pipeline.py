@@ -507,6 +507,27 @@ def test_pipeline_runs_every_stage_and_exports_an_engine_model_without_hrt2_labe
     assert load_model_folder(out / "model_translation_only").spec.provenance["stage"] == "segment"
 
 
+def test_the_final_model_can_also_hold_the_stage3_members_the_self_trained_ones_started_from(method_a_run, uda_data,
+                                                                                              tmp_path):
+    from safetensors.torch import load_file
+
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    cfg = {**tiny_config(), "export": {"with_segment_members": True}}
+    run = pipeline.Run(uda_data, tmp_path / "run", cfg, progress=False)
+    run.out = out  # export from the finished run without touching it
+    folder = pipeline.export_model(run, "self_train", tmp_path / "model")
+    names = [m.name for m in folder.spec.segmentation.members]
+    assert len(names) == 4 and len(set(names)) == 4
+    assert names[2:] == [f"{n}_stage3" for n in names[:2]]
+    segment = load_file(str(out / "segment" / f"{names[0]}.safetensors"))
+    stage3 = load_file(str(tmp_path / "model" / f"{names[2]}.safetensors"))
+    self_trained = load_file(str(tmp_path / "model" / f"{names[0]}.safetensors"))
+    assert all(torch.equal(stage3[k], segment[k]) for k in segment)
+    assert not all(torch.equal(self_trained[k], segment[k]) for k in segment)
+
+
 def test_pipeline_fakes_every_snapshot_and_adds_tumour_augmented_copies(method_a_run):
     out, _, _ = method_a_run
     info = json.loads((out / "translate_crops" / "done.json").read_text(encoding="utf-8"))["info"]

@@ -676,9 +676,14 @@ def model_spec(cfg: dict, members: list[dict], fusion: str, provenance: dict) ->
 
 
 def export_model(run: Run, stage: str, target: Path, fusion: str | None = None, extra_provenance: dict | None = None):
-    """Write the localiser + ``stage``'s selected members as a model folder (replacing ``target``)."""
+    """Write the localiser + ``stage``'s selected members as a model folder (replacing ``target``); with the
+    config's ``export.with_segment_members``, the self-trained model also holds the stage-3 members."""
     cfg = run.cfg
     members = _selected_members(run, stage)
+    if stage == "self_train" and cfg.get("export", {}).get("with_segment_members", False):
+        # Final ensemble of the self-trained members and the stage-3 members they were warm-started from (an
+        # export-time choice: no stage depends on it). Both run on every crop; names must differ in the folder.
+        members += [{**m, "name": f"{m['name']}_stage3"} for m in _selected_members(run, "segment")]
     prepare = json.loads((run.out / "prepare" / "done.json").read_text(encoding="utf-8"))["info"]
     provenance = {
         **cfg.get("provenance", {}),
