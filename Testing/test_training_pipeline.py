@@ -284,6 +284,24 @@ def test_pseudo_label_teaches_confident_vs_far_from_the_cochlea_as_background_ha
                 == 0).any()
 
 
+def test_pseudo_label_can_leave_a_margin_around_the_vs_unlabelled():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    probs = np.zeros((3, 3, 20, 20), np.float32)
+    probs[0] = 1.0
+    probs[:, :, 8:12, 8:12] = np.array([0.05, 0.95, 0.0])[:, None, None, None]  # VS block
+    probs[:, 1, 1:3, 1:3] = np.array([0.05, 0.0, 0.95])[:, None, None]  # cochlea, 6 voxels from it
+    cfg = dict(min_vs_voxels=1, spacing_zyx_mm=(1.0, 0.5, 0.5))
+    plain, _ = pseudo_label(probs, PseudoLabelConfig(**cfg))
+    assert not (plain == IGNORE).any()
+    labels, _ = pseudo_label(probs, PseudoLabelConfig(**cfg, vs_ignore_margin_mm=1.0))
+    assert (labels == 1).sum() == (plain == 1).sum() and (labels == 2).sum() == (plain == 2).sum()
+    assert (labels[1, 8:12, 6:8] == IGNORE).all() and (labels[1, 8:12, 12:14] == IGNORE).all()  # 0.5 and 1 mm
+    assert labels[1, 8, 5] == 0 and labels[1, 8, 14] == 0  # 1.5 mm: still background
+    assert labels[0, 0, 0] == 0
+
+
 def test_pseudo_label_without_a_found_vs_only_teaches_the_cochlea_surroundings():
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label
     from training.segmentation import IGNORE

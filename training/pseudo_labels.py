@@ -14,6 +14,7 @@ methods clean their outputs and filtered by confidence:
   in crops without a found VS, everything far from the cochlea get the IGNORE label (no loss);
 - optionally (``hard_negative_beyond_cochlea_mm``) confident "VS" components far from the cochlea are labelled
   background even where IGNORE would otherwise apply: label-free hard negatives (cerebellum, brainstem edges);
+- optionally (``vs_ignore_margin_mm``) background around a pseudo-labelled VS is IGNORE (members under-segment);
 - optionally (``one_vs_per_scan``) the CrossMoDA prior that every scan holds one unilateral VS: the crops of
   a scan where the ensemble found no VS are not used (it missed the tumour), only the largest found VS of a
   scan is kept (smaller "VS" in its other ear become IGNORE), and the other ear is then known to be
@@ -81,6 +82,10 @@ class PseudoLabelConfig:
     # are labelled background, overriding IGNORE, so retraining learns "not VS" there instead of "no loss".
     # Must exceed ``vs_max_distance_to_cochlea_mm`` (components in between stay dropped/IGNORE). 0 = off.
     hard_negative_beyond_cochlea_mm: float = 0.0
+    # Fake-trained members under-segment the tumour (they miss its canal part, docs/training.md): background
+    # voxels within this distance (mm) of a pseudo-labelled VS are IGNORE, so retraining is not taught to
+    # shrink the tumour further. 0 = off.
+    vs_ignore_margin_mm: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,6 +170,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         far = ndimage.distance_transform_edt(labels != COCHLEA, sampling=cfg.spacing_zyx_mm) \
             > cfg.no_vs_label_beyond_cochlea_mm
         labels[far] = IGNORE
+    if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():
+        margin = ndimage.distance_transform_edt(labels != VS, sampling=cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm
+        labels[margin & (labels == 0)] = IGNORE
     labels[hard_negative] = 0
     return labels, confidence
 
