@@ -117,15 +117,22 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return comps == counts.argmax()
 
 
-def _near(anchor: np.ndarray, mask: np.ndarray, max_mm: float, spacing_zyx_mm) -> np.ndarray:
-    """The connected components of ``mask`` with a voxel within ``max_mm`` (mm, Euclidean) of ``anchor``;
-    nothing when ``anchor`` is empty."""
+def _distance_mm(anchor: np.ndarray, spacing_zyx_mm) -> np.ndarray:
+    """Euclidean distance (mm) of every voxel to the nearest ``anchor`` voxel; inf everywhere without one."""
     if not anchor.any():
-        return np.zeros_like(mask)
-    distance = ndimage.distance_transform_edt(~anchor, sampling=spacing_zyx_mm)
+        return np.full(anchor.shape, np.inf)
+    return ndimage.distance_transform_edt(~anchor, sampling=spacing_zyx_mm)
+
+
+def _nearest_per_component(mask: np.ndarray, distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(26-connected components of ``mask``, the smallest ``distance`` over each component's voxels indexed by
+    component label; entry 0, the background, is inf)."""
     comps = cc3d.connected_components(mask, connectivity=26)
-    near = np.unique(comps[(comps > 0) & (distance <= max_mm)])
-    return np.isin(comps, near)
+    n = int(comps.max())
+    nearest = np.full(n + 1, np.inf)
+    if n:
+        nearest[1:] = ndimage.minimum(distance, comps, np.arange(1, n + 1))
+    return comps, nearest
 
 
 def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = False) -> tuple[np.ndarray, float]:
@@ -138,20 +145,24 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
     labels[(labels > 0) & unsure] = 0
     dropped = np.zeros(labels.shape, bool)  # foreground components the checks below remove
     hard_negative = np.zeros(labels.shape, bool)  # confident "VS" far from the cochlea: taught as background
+    cochlea_mm = None  # distance (mm) to the kept cochlea, made once when a rule needs it (the cochlea is final
+    # once its components are chosen: nothing after that labels a voxel COCHLEA or removes one)
     for c in (COCHLEA, VS):
         mask = labels == c
         if not mask.any():
             continue
-        if c == VS and cfg.hard_negative_beyond_cochlea_mm > 0 and (labels == COCHLEA).any():
-            hard_negative = mask & ~_near(labels == COCHLEA, mask, cfg.hard_negative_beyond_cochlea_mm,
-                                          cfg.spacing_zyx_mm)
-            labels[hard_negative] = 0
-            mask = mask & ~hard_negative
-        if c == VS and cfg.vs_max_distance_to_cochlea_mm > 0:
-            near = _near(labels == COCHLEA, mask, cfg.vs_max_distance_to_cochlea_mm, cfg.spacing_zyx_mm)
-            dropped |= mask & ~near
-            labels[mask & ~near] = 0
-            mask = near
+        if c == VS and (cfg.hard_negative_beyond_cochlea_mm > 0 or cfg.vs_max_distance_to_cochlea_mm > 0):
+            cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
+            comps, nearest = _nearest_per_component(mask, cochlea_mm)
+            if cfg.hard_negative_beyond_cochlea_mm > 0 and (labels == COCHLEA).any():
+                hard_negative = mask & (nearest > cfg.hard_negative_beyond_cochlea_mm)[comps]
+                labels[hard_negative] = 0
+                mask = mask & ~hard_negative
+            if cfg.vs_max_distance_to_cochlea_mm > 0:
+                near = mask & (nearest <= cfg.vs_max_distance_to_cochlea_mm)[comps]
+                dropped |= mask & ~near
+                labels[mask & ~near] = 0
+                mask = near
         keep = _largest_component(mask) if cfg.keep_largest else mask
         if c == VS and keep.sum() < cfg.min_vs_voxels:
             keep = np.zeros_like(mask)
@@ -167,9 +178,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         labels[unsure | dropped] = IGNORE
     if (cfg.no_vs_label_beyond_cochlea_mm > 0 and not vs_free and not (labels == VS).any()
             and (labels == COCHLEA).any()):
-        far = ndimage.distance_transform_edt(labels != COCHLEA, sampling=cfg.spacing_zyx_mm) \
-            > cfg.no_vs_label_beyond_cochlea_mm
-        labels[far] = IGNORE
+        if cochlea_mm is None:
+            cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
+        labels[cochlea_mm > cfg.no_vs_label_beyond_cochlea_mm] = IGNORE
     if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():
         margin = ndimage.distance_transform_edt(labels != VS, sampling=cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm
         labels[margin & (labels == 0)] = IGNORE

@@ -45,6 +45,18 @@ class EarLocations:
     mirrored: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
 
+    @classmethod
+    def from_cochleae(cls, cochlea_lps: dict, mirrored: dict | None = None,
+                      warnings: list | None = None) -> EarLocations:
+        """Ears from the two cochlea centres (LPS mm, keys "left"/"right"): the midline point half-way between
+        them and the left axis along them — or the LPS x axis when they do not lie left and right of each other."""
+        left_axis = cochlea_lps["left"] - cochlea_lps["right"]
+        left_axis = left_axis / max(np.linalg.norm(left_axis), 1e-6)
+        if left_axis[0] < 0.5:
+            left_axis = np.array([1.0, 0.0, 0.0])
+        midline = (cochlea_lps["left"] + cochlea_lps["right"]) / 2
+        return cls(cochlea_lps, midline, left_axis, mirrored or {}, warnings or [])
+
     def medial_direction(self, side: str) -> np.ndarray:
         """Unit vector (LPS) from this ear towards the midline."""
         return -SIDE_SIGN[side] * self.left_axis_lps
@@ -109,12 +121,7 @@ def ears_from_probabilities(cochlea_prob_zyx: np.ndarray, volume_zyx: np.ndarray
             warnings.append(f"The {other} inner ear was not found; its position was mirrored from the {side} ear.")
         else:
             warnings.append(f"The {other} inner ear was only weakly detected; check its segmentation.")
-    left_axis = cochlea["left"] - cochlea["right"]
-    left_axis = left_axis / max(np.linalg.norm(left_axis), 1e-6)
-    if left_axis[0] < 0.5:  # the two positions do not lie left and right of each other: fall back to LPS x
-        left_axis = np.array([1.0, 0.0, 0.0])
-    midline = (cochlea["left"] + cochlea["right"]) / 2
-    return EarLocations(cochlea, midline, left_axis, mirrored, warnings)
+    return EarLocations.from_cochleae(cochlea, mirrored, warnings)
 
 
 def plausible_cochlea_pair(left_lps: np.ndarray, right_lps: np.ndarray) -> bool:

@@ -81,8 +81,7 @@ def real_crop_stats(run_dir: Path, labels_dir: Path, min_voxels: int = 20) -> li
         with np.load(p) as z:
             crops, (left, right) = z["crops"], z["cochlea_lps"]
         vs = sitk.Cast(sitk.ReadImage(str(labels_dir / f"{p.stem}_Label.nii.gz")) == 1, sitk.sitkFloat32)
-        axis = (left - right) / np.linalg.norm(left - right)  # towards the left ear: the midline is between them
-        ears = EarLocations({"left": left, "right": right}, (left + right) / 2, axis)
+        ears = EarLocations.from_cochleae({"left": left, "right": right})  # as the pipeline cut the crops
         for crop, mask in zip(crops, pipeline.ear_crops(vs, ears, cfg, IntensityScale(0.0, 1.0))):
             mask = mask.astype(np.float32) > 0.5
             if mask.sum() >= min_voxels:
