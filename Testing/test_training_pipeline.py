@@ -679,7 +679,8 @@ def test_rerun_stages_changes_only_the_listed_stages_and_scores_the_result(metho
     new = tmp_path / "rerun"
     scores = rerun_stages.main([str(out), str(new), '{"members.1.train.seed": 5, "self_training.train.iterations": 1}',
                                 "--stages", "segment", "pseudo_labels", "self_train", "--data", str(uda_data),
-                                "--test", str(test_dir)])
+                                "--test", str(test_dir),
+                                "--reuse-weights", f"seg2d_f0={out / 'segment' / 'seg2d_f0.safetensors'}"])
     for stage in ("prepare", "translate_localiser", "localiser", "target_crops", "translate_crops"):
         assert (new / stage).is_symlink() and (new / stage).resolve() == (out / stage).resolve()
     for stage in ("segment", "pseudo_labels", "self_train"):
@@ -687,9 +688,13 @@ def test_rerun_stages_changes_only_the_listed_stages_and_scores_the_result(metho
     cfg = json.loads((new / "config.json").read_text(encoding="utf-8"))
     assert cfg["members"][1]["train"]["seed"] == 5 and cfg["members"][0]["train"]["seed"] == 2
     assert cfg["self_training"]["train"] == {"iterations": 1}
-    before = load_file(str(out / "segment" / "seg2d_f0.safetensors"))
-    after = load_file(str(new / "segment" / "seg2d_f0.safetensors"))
+    before = load_file(str(out / "segment" / "seg2d_f1.safetensors"))
+    after = load_file(str(new / "segment" / "seg2d_f1.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # another seed, another network
+    kept = load_file(str(new / "segment" / "seg2d_f0.safetensors"))  # --reuse-weights: kept, not retrained
+    assert all(torch.equal(v, kept[k]) for k, v in load_file(str(out / "segment" / "seg2d_f0.safetensors")).items())
+    done = json.loads((new / "segment" / "done.json").read_text(encoding="utf-8"))
+    assert "seg2d_f0" in [r["name"] for r in done["info"]["members"]]
     written = json.loads((new / "scores.json").read_text(encoding="utf-8"))
     assert set(written["scores"]) == set(scores) == {"translation_only", "self_trained"}
     assert set(written["scores"]["self_trained"]["per_case_dice"]) == {"test_0"}
@@ -703,8 +708,10 @@ def test_rerun_stages_overrides_follow_dotted_paths_into_lists():
     apply_overrides(cfg, {"members.1.train.seed": 13, "translation.crops.iterations": 1200})
     assert cfg == {"members": [{"train": {"seed": 1}}, {"train": {"seed": 13}}],
                    "translation": {"crops": {"iterations": 1200}}}
+    apply_overrides(cfg, {"members.2": {"train": {"seed": 23}}})  # one past the end appends
+    assert [m["train"]["seed"] for m in cfg["members"]] == [1, 13, 23]
     with pytest.raises(IndexError):
-        apply_overrides(cfg, {"members.2.train.seed": 3})
+        apply_overrides(cfg, {"members.4.train.seed": 3})
 
 
 def test_warm_started_self_training_fine_tunes_the_stage3_members_with_its_own_settings(method_a_run, uda_data,

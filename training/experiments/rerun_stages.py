@@ -5,6 +5,9 @@
     python -m training.experiments.rerun_stages SRC_RUN OUT '{"members.0.train.seed": 13}' --stages segment ...
     python -m training.experiments.rerun_stages SRC_RUN OUT '{"self_training.train.learning_rate": 3e-4}' \\
         --stages pseudo_labels self_train ...
+    python -m training.experiments.rerun_stages SRC_RUN OUT '{"members.1": {...member seg2d_b, seed 13...}}' \\
+        --reuse-weights seg2d=SRC_RUN/segment/seg2d.safetensors seg2d_b=RUN13/segment/seg2d.safetensors \\
+        --stages segment pseudo_labels self_train ...
 
 This is how the one-change-at-a-time measurements in docs/training.md are made: every stage not listed is
 ``SRC_RUN``'s own folder (a symbolic link), so only the listed stages — and nothing upstream — differ.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,14 +33,32 @@ from training import pipeline
 
 
 def apply_overrides(cfg: dict, overrides: dict) -> dict:
-    """Set ``cfg[a][b][0][c] = value`` for every ``"a.b.0.c": value``; list items by index. Returns ``cfg``."""
+    """Set ``cfg[a][b][0][c] = value`` for every ``"a.b.0.c": value``; list items by index, and the index one
+    past a list's end appends (``"members.1": {...}`` adds a second member to a one-member config). Returns ``cfg``."""
     for key, value in overrides.items():
         node = cfg
         *head, last = key.split(".")
         for part in head:
             node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        node[int(last) if isinstance(node, list) else last] = value
+        if isinstance(node, list) and int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last) if isinstance(node, list) else last] = value
     return cfg
+
+
+def reuse_weights(out: Path, pairs: list[str]) -> None:
+    """Copy trained stage-3 weights into ``out/segment`` so the segment stage keeps them instead of training:
+    every ``NAME=FILE`` becomes ``out/segment/NAME.safetensors`` (the stage still validates and checks them)."""
+    seg = out / "segment"
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            raise SystemExit(f"--reuse-weights wants NAME=FILE with an existing .safetensors FILE, not {pair!r}")
+        seg.mkdir(parents=True, exist_ok=True)
+        if (seg / f"{name}.safetensors").exists():
+            raise SystemExit(f"{seg / name}.safetensors exists already; use a new OUT folder")
+        shutil.copyfile(path, seg / f"{name}.safetensors")
 
 
 def link_other_stages(src: Path, out: Path, stages: list[str], fresh_translator: bool) -> None:
@@ -61,11 +83,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", required=True, type=Path, help="the source run's data folder (ceT1 + hrT2)")
     ap.add_argument("--test", type=Path, help="labelled hrT2 test folder to score the exported models on")
     ap.add_argument("--fresh-translator", action="store_true", help="train the crop translator again")
+    ap.add_argument("--reuse-weights", nargs="+", default=[], metavar="NAME=FILE",
+                    help="stage-3 member weights to keep instead of training them (e.g. members of other runs "
+                         "trained with other seeds on the same fakes); needs the segment stage")
     args = ap.parse_args(argv)
 
     overrides = json.loads(args.overrides)
+    if args.reuse_weights and "segment" not in args.stages:
+        raise SystemExit("--reuse-weights needs --stages segment ...")
     cfg = apply_overrides(json.loads((args.src / "config.json").read_text(encoding="utf-8")), overrides)
     link_other_stages(args.src, args.out, args.stages, args.fresh_translator)
+    reuse_weights(args.out, args.reuse_weights)
     run = pipeline.Run(args.data, args.out, cfg, progress=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
