@@ -302,6 +302,27 @@ def test_pseudo_label_can_leave_a_margin_around_the_vs_unlabelled():
     assert labels[0, 0, 0] == 0
 
 
+def test_pseudo_label_of_a_tumour_free_ear_can_leave_its_far_part_unlabelled():
+    """The crop of the tumour-free ear reaches into the other cerebellopontine angle, where the scan's tumour is."""
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    probs = np.zeros((3, 3, 20, 40), np.float32)
+    probs[0] = 1.0
+    probs[:, 1, 9:11, 36:38] = np.array([0.05, 0.0, 0.95])[:, None, None]  # cochlea, lateral (x 36-37)
+    probs[:, 1, 9:11, 30:32] = np.array([0.1, 0.9, 0.0])[:, None, None]  # a "VS" in a tumour-free ear
+    cfg = dict(min_vs_voxels=1, spacing_zyx_mm=(1.0, 0.5, 0.5))
+    full, _ = pseudo_label(probs, PseudoLabelConfig(**cfg), vs_free=True)
+    assert (full[:, :, :30] == 0).all()  # labelled in full: background up to the crop edge
+    assert (full[1, 9:11, 30:32] == IGNORE).all()
+    near, _ = pseudo_label(probs, PseudoLabelConfig(**cfg, vs_free_ear_ignore_beyond_cochlea_mm=5.0), vs_free=True)
+    assert (near == 2).sum() == (full == 2).sum() == 4
+    assert (near[:, :, :20] == IGNORE).all()  # > 8 mm from the cochlea: no loss
+    assert near[1, 9, 28] == 0 and near[1, 9, 25] == IGNORE  # 4 mm from the cochlea background, 5.5 mm IGNORE
+    # The option leaves crops with a found tumour alone.
+    assert (pseudo_label(probs, PseudoLabelConfig(**cfg, vs_free_ear_ignore_beyond_cochlea_mm=5.0))[0] == IGNORE).sum() == 0
+
+
 def test_pseudo_label_without_a_found_vs_only_teaches_the_cochlea_surroundings():
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label
     from training.segmentation import IGNORE
@@ -942,3 +963,24 @@ def test_fake_vs_appearance_measures_the_tumour_and_the_csf_share_of_its_ring():
     assert s["vs_median"] == pytest.approx(0.4) and s["ring_median"] == pytest.approx(0.3)
     assert s["ring_bright_share"] == pytest.approx(bright / ring)
     assert s["vs_over_ring"] == pytest.approx(0.4 / 0.3) and s["vs_voxels"] == 300
+
+
+def test_pseudo_label_quality_counts_tumour_taught_as_background_and_kinds_of_crops():
+    from training.experiments.pseudo_label_quality import crop_quality, summarise
+    from training.segmentation import IGNORE
+
+    true_vs = np.zeros((2, 10, 10), bool)
+    true_vs[:, 2:6, 2:6] = True  # 32 voxels
+    pseudo = np.zeros((2, 10, 10), np.uint8)
+    pseudo[:, 3:5, 3:5] = 1  # 8 voxels inside the tumour
+    pseudo[:, 2, 2:6] = IGNORE  # 8 tumour voxels without loss
+    pseudo[:, 8, 8] = 1  # 2 false voxels
+    row = crop_quality(pseudo, true_vs)
+    assert row == {"true_vs": 32, "pseudo_vs": 10, "vs_dice": round(16 / 42, 3), "true_vs_as_background": 16,
+                   "true_vs_ignored": 8, "false_vs": 2, "kind": "found"}
+    missed = crop_quality(np.zeros_like(pseudo), true_vs)
+    free = crop_quality(np.zeros_like(pseudo), np.zeros_like(true_vs))
+    summary = summarise([row, missed, free])
+    assert summary["kinds"] == {"found": 1, "missed": 1, "false": 0, "free": 1}
+    assert summary["true_vs_share_background"] == round(48 / 64, 3) and summary["true_vs_share_ignored"] == 0.125
+    assert free["vs_dice"] is None and missed["kind"] == "missed"

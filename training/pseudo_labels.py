@@ -15,6 +15,8 @@ methods clean their outputs and filtered by confidence:
 - optionally (``hard_negative_beyond_cochlea_mm``) confident "VS" components far from the cochlea are labelled
   background even where IGNORE would otherwise apply: label-free hard negatives (cerebellum, brainstem edges);
 - optionally (``vs_ignore_margin_mm``) background around a pseudo-labelled VS is IGNORE (members under-segment);
+- optionally (``vs_free_ear_ignore_beyond_cochlea_mm``) the far (medial) part of a tumour-free ear's crop, which
+  reaches into the other ear's cerebellopontine angle, is IGNORE;
 - optionally (``one_vs_per_scan``) the CrossMoDA prior that every scan holds one unilateral VS: the crops of
   a scan where the ensemble found no VS are not used (it missed the tumour), only the largest found VS of a
   scan is kept (smaller "VS" in its other ear become IGNORE), and the other ear is then known to be
@@ -86,6 +88,12 @@ class PseudoLabelConfig:
     # voxels within this distance (mm) of a pseudo-labelled VS are IGNORE, so retraining is not taught to
     # shrink the tumour further. 0 = off.
     vs_ignore_margin_mm: float = 0.0
+    # The tumour-free ear of a scan (``one_vs_per_scan``) is labelled in full, but its crop reaches past the
+    # midline into the other cerebellopontine angle (with ``crop.medial_offset_mm`` 16 a 64 mm crop spans 48 mm
+    # medially), where the scan's tumour lies: on the phantom target scans every true VS voxel in such crops was
+    # 27-47 mm from the crop's cochlea and was taught as background. Beyond this distance (mm) from the
+    # cochlea such a crop is IGNORE. 0 = off (the whole crop labelled).
+    vs_free_ear_ignore_beyond_cochlea_mm: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +182,10 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         confidence = 0.0
     if vs_free:
         labels[labels == VS] = IGNORE
+        if cfg.vs_free_ear_ignore_beyond_cochlea_mm > 0 and (labels == COCHLEA).any():
+            if cochlea_mm is None:
+                cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
+            labels[cochlea_mm > cfg.vs_free_ear_ignore_beyond_cochlea_mm] = IGNORE
     if cfg.ignore_uncertain:
         labels[unsure | dropped] = IGNORE
     if (cfg.no_vs_label_beyond_cochlea_mm > 0 and not vs_free and not (labels == VS).any()
