@@ -182,20 +182,21 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         confidence = 0.0
     if vs_free:
         labels[labels == VS] = IGNORE
-        if cfg.vs_free_ear_ignore_beyond_cochlea_mm > 0 and (labels == COCHLEA).any():
-            if cochlea_mm is None:
-                cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
-            labels[cochlea_mm > cfg.vs_free_ear_ignore_beyond_cochlea_mm] = IGNORE
     if cfg.ignore_uncertain:
         labels[unsure | dropped] = IGNORE
-    if (cfg.no_vs_label_beyond_cochlea_mm > 0 and not vs_free and not (labels == VS).any()
-            and (labels == COCHLEA).any()):
+    # Only the cochlea surroundings are taught where the crop may hold a tumour the label map does not show: a
+    # crop without a found VS (a missed one may lie anywhere), or a tumour-free ear (the scan's tumour lies in the
+    # far part of its crop, across the midline).
+    if vs_free:
+        ignore_beyond_mm = cfg.vs_free_ear_ignore_beyond_cochlea_mm
+    else:
+        ignore_beyond_mm = 0.0 if (labels == VS).any() else cfg.no_vs_label_beyond_cochlea_mm
+    if ignore_beyond_mm > 0 and (labels == COCHLEA).any():
         if cochlea_mm is None:
             cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
-        labels[cochlea_mm > cfg.no_vs_label_beyond_cochlea_mm] = IGNORE
+        labels[cochlea_mm > ignore_beyond_mm] = IGNORE
     if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():
-        margin = ndimage.distance_transform_edt(labels != VS, sampling=cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm
-        labels[margin & (labels == 0)] = IGNORE
+        labels[(_distance_mm(labels == VS, cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm) & (labels == 0)] = IGNORE
     labels[hard_negative] = 0
     return labels, confidence
 

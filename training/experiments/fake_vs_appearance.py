@@ -24,13 +24,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy.ndimage import binary_dilation
 
-from VSCochleaSegLib.localise import EarLocations
-from VSCochleaSegLib.normalisation import IntensityScale
-
-from training import pipeline
+from training.experiments.target_truth import target_crops_with_truth
 
 BRIGHT = 0.6  # engine-normalised intensity above which a voxel counts as CSF-bright
 RING_VOXELS = 3  # in-plane dilation of the ring (0.5 mm voxels: 1.5 mm)
@@ -75,18 +71,8 @@ def fake_crop_stats(run_dir: Path, snapshots: int) -> list[dict]:
 
 def real_crop_stats(run_dir: Path, labels_dir: Path, min_voxels: int = 20) -> list[dict]:
     """Stats of the real hrT2 ear crops, their VS cut from the target label maps on the pipeline's crop grids."""
-    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    out = []
-    for p in sorted((run_dir / "target_crops").glob("*.npz")):
-        with np.load(p) as z:
-            crops, (left, right) = z["crops"], z["cochlea_lps"]
-        vs = sitk.Cast(sitk.ReadImage(str(labels_dir / f"{p.stem}_Label.nii.gz")) == 1, sitk.sitkFloat32)
-        ears = EarLocations.from_cochleae({"left": left, "right": right})  # as the pipeline cut the crops
-        for crop, mask in zip(crops, pipeline.ear_crops(vs, ears, cfg, IntensityScale(0.0, 1.0))):
-            mask = mask.astype(np.float32) > 0.5
-            if mask.sum() >= min_voxels:
-                out.append(ring_stats(crop.astype(np.float32), mask))
-    return out
+    return [ring_stats(crop.astype(np.float32), vs) for _, crop, vs in target_crops_with_truth(run_dir, labels_dir)
+            if vs.sum() >= min_voxels]
 
 
 def summarise(stats: list[dict]) -> dict:

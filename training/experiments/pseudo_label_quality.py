@@ -6,7 +6,7 @@
 crops were used; ``pseudo_labels.npz``: their label maps, 0 background, 1 VS, 2 cochlea, 255 IGNORE).
 ``LABELS_DIR`` holds ``<case>_Label.nii.gz`` of the *target* hrT2 scans; the benchmark writes them to
 ``work/.../data/target_labels`` for diagnosis and the pipeline never reads them. The true labels are cut on the
-pipeline's own crop grids (0.5 × 0.5 × 1 mm, as ``fake_vs_appearance`` does), nearest neighbour.
+pipeline's own crop grids (``target_truth``, 0.5 × 0.5 × 1 mm).
 
 Per used crop, for the tumour (all counts in voxels of the crop grid, one voxel = 0.25 mm³):
 
@@ -28,28 +28,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-from VSCochleaSegLib.localise import EarLocations
-from VSCochleaSegLib.normalisation import IntensityScale
-
-from training import pipeline
+from training.experiments.target_truth import target_crops_with_truth
 from training.segmentation import IGNORE
 
 VS = 1
-
-
-def true_crop_labels(run_dir: Path, labels_dir: Path, cfg: dict) -> list[np.ndarray]:
-    """The true VS mask (z, y, x, bool) of every target ear crop, in ``pipeline._target_crops`` order."""
-    out = []
-    for p in sorted((run_dir / "target_crops").glob("*.npz")):
-        with np.load(p) as z:
-            left, right = z["cochlea_lps"]
-        label = sitk.ReadImage(str(labels_dir / f"{p.stem}_Label.nii.gz"))
-        ears = EarLocations.from_cochleae({"left": left, "right": right})  # the ears the pipeline cut
-        mask = sitk.Cast(label == VS, sitk.sitkFloat32)
-        out += [np.asarray(m, np.float32) > 0.5 for m in pipeline.ear_crops(mask, ears, cfg, IntensityScale(0.0, 1.0))]
-    return out
 
 
 def crop_quality(pseudo: np.ndarray, true_vs: np.ndarray) -> dict:
@@ -73,9 +56,9 @@ def summarise(rows: list[dict]) -> dict:
     with_vs = [r for r in rows if r["true_vs"]]
     total = sum(r["true_vs"] for r in with_vs) or 1
     found = [r["vs_dice"] for r in rows if r["kind"] == "found"]
-    false_on_tumour_crop = sum(r["true_vs"] > 0 and r["kind"] == "missed" and r["pseudo_vs"] > 0 for r in rows)
+    missed_with_false_vs = sum(r["true_vs"] > 0 and r["kind"] == "missed" and r["pseudo_vs"] > 0 for r in rows)
     return {"crops_used": len(rows), "kinds": kinds,
-            "missed_with_false_vs": false_on_tumour_crop,
+            "missed_with_false_vs": missed_with_false_vs,
             "true_vs_share_background": round(sum(r["true_vs_as_background"] for r in with_vs) / total, 3),
             "true_vs_share_ignored": round(sum(r["true_vs_ignored"] for r in with_vs) / total, 3),
             "true_vs_share_labelled_vs": round(1 - sum(r["true_vs_as_background"] + r["true_vs_ignored"]
@@ -92,8 +75,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path, help="write the per-crop rows and the summary here")
     args = ap.parse_args(argv)
 
-    cfg = json.loads((args.run / "config.json").read_text(encoding="utf-8"))
-    truth = true_crop_labels(args.run, args.labels, cfg)
+    truth = [vs for _, _, vs in target_crops_with_truth(args.run, args.labels)]
     with open(args.run / "pseudo_labels" / "pseudo_labels.csv", newline="") as f:
         used = [(r["case"], int(r["crop"])) for r in csv.DictReader(f) if r["used"] == "True"]
     with np.load(args.run / "pseudo_labels" / "pseudo_labels.npz") as z:
