@@ -302,6 +302,39 @@ def test_pseudo_label_can_leave_a_margin_around_the_vs_unlabelled():
     assert labels[0, 0, 0] == 0
 
 
+def test_pseudo_label_can_grow_an_under_segmented_vs_along_tissue_of_its_own_intensity():
+    """The members find the tumour's cisternal part but not the grey rod it sends into the bright canal."""
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    image = np.full((3, 20, 40), 1.0, np.float32)  # bright CSF
+    image[:, 8:12, 4:30] = 0.45  # the tumour, a grey rod from x 4 to 29 (0.5 mm voxels: 13 mm)
+    image[:, 8:12, 4:8] += 0.05 * np.arange(4)[None, None, :]  # some texture in the found part
+    image[:, 16:20, 4:30] = 0.47  # grey tissue beyond bright CSF: not connected to the tumour
+    probs = np.zeros((3,) + image.shape, np.float32)
+    probs[0] = 1.0
+    probs[:, :, 8:12, 4:12] = np.array([0.05, 0.95, 0.0])[:, None, None, None]  # found: x 4-11 only
+    probs[:, 1, 1:3, 36:38] = np.array([0.05, 0.0, 0.95])[:, None, None]  # cochlea
+    image[1, 1:3, 36:38] = 0.5
+    cfg = dict(min_vs_voxels=1, spacing_zyx_mm=(1.0, 0.5, 0.5), vs_grow_quantiles=(0.0, 1.0))
+    plain, _ = pseudo_label(probs, PseudoLabelConfig(**cfg), image=image)
+    assert (plain == 1).sum() == 3 * 4 * 8
+    grown, conf = pseudo_label(probs, PseudoLabelConfig(**cfg, vs_grow_mm=4.0), image=image)
+    assert conf == pseudo_label(probs, PseudoLabelConfig(**cfg), image=image)[1]  # confidence from the members
+    assert (grown[:, 8:12, 4:20] == 1).all()  # up to 4 mm (8 voxels) past the found part: x 12-19
+    assert (grown[:, 8:12, 20:] == 0).all()  # farther: left as it was
+    assert (grown[:, 16:20] == 0).all() and (grown[:, 12:16] == 0).all()  # bright CSF stops it
+    assert (grown == 2).sum() == (plain == 2).sum()  # never the cochlea
+    # The grown VS gets the IGNORE margin; intensities outside the found VS's own range do not grow.
+    with_margin, _ = pseudo_label(probs, PseudoLabelConfig(**cfg, vs_grow_mm=4.0, vs_ignore_margin_mm=0.5), image=image)
+    assert (with_margin[:, 8:12, 20] == IGNORE).all()
+    narrow, _ = pseudo_label(probs, PseudoLabelConfig(**{**cfg, "vs_grow_quantiles": (0.7, 1.0)}, vs_grow_mm=4.0),
+                             image=image)
+    assert (narrow[:, 8:12, 12:] == 0).all()  # 0.45 is below the found part's 70th centile
+    with pytest.raises(ValueError, match="needs the crop image"):
+        pseudo_label(probs, PseudoLabelConfig(**cfg, vs_grow_mm=4.0))
+
+
 def test_pseudo_label_of_a_tumour_free_ear_can_leave_its_far_part_unlabelled():
     """The crop of the tumour-free ear reaches into the other cerebellopontine angle, where the scan's tumour is."""
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label
@@ -770,6 +803,46 @@ def test_warm_started_self_training_fine_tunes_the_stage3_members_with_its_own_s
         start = starts[f"{name}.safetensors"]
         assert all(torch.equal(start[k], v) for k, v in exported.items())  # every stage-3 weight, heads fresh
         assert any(k.startswith("deep_supervision_heads") for k in start)
+
+
+def test_a_second_self_training_round_relabels_with_the_first_rounds_members_and_starts_from_them(
+        method_a_run, uda_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from training import pipeline, segmentation
+
+    out, _, _ = method_a_run
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops", "translate_crops", "segment",
+                  "pseudo_labels"):
+        os.symlink(out / stage, tmp_path / stage)
+    cfg = tiny_config()
+    cfg["self_training"] = {"mode": "pseudo_labels", "warm_start": True, "rounds": 2,
+                            "train": {"iterations": 1, "learning_rate": 0.01}}
+    starts, labellers = [], []
+    real_load = segmentation.load_initial_weights
+    monkeypatch.setattr(segmentation, "load_initial_weights",
+                        lambda net, path: (starts.append(path.relative_to(tmp_path).as_posix()), real_load(net, path)))
+    real_make = pipeline.make_pseudo_labels
+
+    def spy(run, selected, d):
+        labellers.append(sorted(m["path"].relative_to(tmp_path).as_posix() for m in selected))
+        return real_make(run, selected, d)
+
+    monkeypatch.setattr(pipeline, "make_pseudo_labels", spy)
+    run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
+    info = run.stage("self_train", lambda d: pipeline.stage_self_train(run, d))["info"]
+    names = [f"{m}_f{f}" for m in ("seg3d", "seg2d") for f in (0, 1)]  # tiny_config: two folds
+    round1 = [f"self_train/round1/{n}.safetensors" for n in names]
+    assert starts == [f"segment/{n}.safetensors" for n in names] + round1
+    selected = sorted(f"self_train/round1/{r['name']}.safetensors" for r in info["round1_members"] if r["selected"])
+    assert labellers == [selected] and selected
+    assert (tmp_path / "self_train" / "round2_pseudo_labels" / "pseudo_labels.npz").is_file()
+    assert [r["name"] for r in info["members"]] == names and info["round2_pseudo_labels"]["n_crops"] == 4
+    for n in names:  # the exported (last-round) weights moved on from round 1's
+        first, last = (load_file(str(tmp_path / "self_train" / sub / f"{n}.safetensors")) for sub in ("round1", "."))
+        assert any(not torch.equal(first[k], last[k]) for k in last)
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        cfg["self_training"]["rounds"] = 0
+        pipeline.stage_self_train(run, tmp_path / "other")
 
 
 def test_fake_images_are_air_outside_the_source_head():

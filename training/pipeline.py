@@ -586,11 +586,16 @@ def _plain_trainer(arrays, tcfg, d, name, run):
 
 
 def _selected_members(run: Run, stage: str) -> list[dict]:
-    """[{name, train, weight, weights_path}] of the selected members of a finished stage, config order."""
+    """[{name, train, weight, path}] of the selected members of a finished stage, config order."""
     record = json.loads((run.out / stage / "done.json").read_text(encoding="utf-8"))["info"]["members"]
+    return _members_of(run, record, run.out / stage)
+
+
+def _members_of(run: Run, record: list[dict], folder: Path) -> list[dict]:
+    """[{name, train, weight, path}] of the selected members of a ``_train_members`` record, weights in ``folder``."""
     by_name = {m["name"]: m for m in run.cfg["members"]}
     return [{"name": r["name"], "train": by_name[r["member"]]["train"], "weight": by_name[r["member"]].get("weight", 1.0),
-             "path": run.out / stage / f"{r['name']}.safetensors"} for r in record if r["selected"]]
+             "path": folder / f"{r['name']}.safetensors"} for r in record if r["selected"]]
 
 
 def stage_segment(run: Run, d: Path) -> dict:
@@ -598,50 +603,81 @@ def stage_segment(run: Run, d: Path) -> dict:
 
 
 def stage_pseudo_labels(run: Run, d: Path) -> dict:
+    return make_pseudo_labels(run, _selected_members(run, "segment"), d)
+
+
+def make_pseudo_labels(run: Run, selected: list[dict], d: Path) -> dict:
+    """Label every real hrT2 ear crop with the ensemble of ``selected`` members (``_members_of``): writes
+    ``d/pseudo_labels.csv`` (one row per crop: confidence, voxel counts, used) and then, as the completion
+    marker, ``d/pseudo_labels.npz`` (images and labels (N, z, y, x) of the used crops)."""
     members = [EnsembleMember(_load_net(m["train"]["network"], m["path"]), m["train"]["patch_size_zyx"], m["weight"])
-               for m in _selected_members(run, "segment")]
+               for m in selected]
     crops = _target_crops(run)
     spacing_zyx = tuple(float(s) for s in run.cfg["segmentation_spacing_xyz_mm"][::-1])
     pcfg = PseudoLabelConfig(**{"spacing_zyx_mm": spacing_zyx, **run.cfg.get("pseudo_labels", {})})
-    selected, records = pseudo_label_crops(members, [c for _, c in crops], pcfg, run.cfg.get("fusion", "mean"),
+    labelled, records = pseudo_label_crops(members, [c for _, c in crops], pcfg, run.cfg.get("fusion", "mean"),
                                            run.progress, scan_ids=[case for case, _ in crops])
     keep = [r["crop"] for r in records if r["used"]]
-    _save_npz(d / "pseudo_labels.npz", images=np.stack([crops[k][1] for k in keep]) if keep else np.zeros((0,)),
-              labels=np.stack([lab for _, lab in selected]) if keep else np.zeros((0,)))
-    with open(d / "pseudo_labels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["case", "crop", "confidence", "vs_voxels", "cochlea_voxels", "used"])
-        w.writeheader()
-        for r in records:
-            w.writerow({"case": crops[r["crop"]][0], **r})
+    if distributed.is_main():
+        with open(d / "pseudo_labels.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["case", "crop", "confidence", "vs_voxels", "cochlea_voxels", "used"])
+            w.writeheader()
+            for r in records:
+                w.writerow({"case": crops[r["crop"]][0], **r})
+        _save_npz(d / "pseudo_labels.npz", images=np.stack([crops[k][1] for k in keep]) if keep else np.zeros((0,)),
+                  labels=np.stack([lab for _, lab in labelled]) if keep else np.zeros((0,)))
+    distributed.barrier()
     return {"n_crops": len(records), "n_used": len(keep)}
 
 
-def _pseudo_arrays(run: Run) -> list:
-    with np.load(run.out / "pseudo_labels" / "pseudo_labels.npz") as z:
+def _pseudo_arrays(folder: Path) -> list:
+    """[(image, label)] of the used crops of ``make_pseudo_labels``'s output folder."""
+    with np.load(folder / "pseudo_labels.npz") as z:
         return list(zip(z["images"], z["labels"])) if z["images"].ndim == 4 else []
 
 
 def stage_self_train(run: Run, d: Path) -> dict:
+    """Method a: ``self_training.rounds`` rounds (default 1) of retraining the members on fake hrT2 + pseudo-labelled
+    real hrT2. Round 1 uses stage 4's pseudo-labels (and, with ``warm_start``, starts from the stage-3 weights);
+    round r > 1 relabels the real crops with round r-1's selected members (``d/round<r>_pseudo_labels``) and starts
+    from their weights. Earlier rounds' members live in ``d/round<r>``, the last round's in ``d``.
+    Method b (``mode = "mean_teacher"``): Mean Teacher members on fake hrT2 + unlabelled real hrT2."""
     st = run.cfg.get("self_training", {})
     mode = st.get("mode", "pseudo_labels")
     if mode == "pseudo_labels":
-        pseudo = _pseudo_arrays(run)
+        rounds = int(st.get("rounds", 1))
+        if rounds < 1:
+            raise ValueError(f"self_training.rounds must be at least 1, not {rounds}")
         share = float(st.get("pseudo_fraction", 0.5))
-
-        def mix(labelled):
-            # Repeat the (fewer) pseudo-labelled real crops so they make ``pseudo_fraction`` of the draws.
-            if not pseudo or share <= 0:
-                return labelled
-            reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))
-            return labelled + pseudo * reps
-
         warm = st.get("warm_start", False)
+        start_dir, pseudo_dir, previous, info = run.out / "segment", run.out / "pseudo_labels", [], {}
+        for r in range(1, rounds + 1):
+            rd = d if r == rounds else d / f"round{r}"
+            rd.mkdir(parents=True, exist_ok=True)
+            if r > 1:
+                pseudo_dir = d / f"round{r}_pseudo_labels"
+                if not (pseudo_dir / "pseudo_labels.npz").exists():
+                    pseudo_dir.mkdir(parents=True, exist_ok=True)
+                    info[f"round{r}_pseudo_labels"] = make_pseudo_labels(
+                        run, _members_of(run, previous, start_dir), pseudo_dir)
+            pseudo = _pseudo_arrays(pseudo_dir)
 
-        def trainer(arrays, tcfg, dd, name, run):
-            init = run.out / "segment" / f"{name}.safetensors" if warm else None
-            return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
+            def mix(labelled, pseudo=pseudo):
+                # Repeat the (fewer) pseudo-labelled real crops so they make ``pseudo_fraction`` of the draws.
+                if not pseudo or share <= 0:
+                    return labelled
+                reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))
+                return labelled + pseudo * reps
 
-        return _train_members(run, d, mix, trainer, st.get("train"))
+            def trainer(arrays, tcfg, dd, name, run, start_dir=start_dir):
+                init = start_dir / f"{name}.safetensors" if warm else None
+                return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
+
+            record = _train_members(run, rd, mix, trainer, st.get("train"))
+            if r < rounds:
+                info[f"round{r}_members"] = record["members"]
+            previous, start_dir = record["members"], rd
+        return {**info, **record}
     if mode == "mean_teacher":
         mt = MeanTeacherConfig(**st.get("mean_teacher", {}))
         unlabelled = [c for _, c in _target_crops(run)]

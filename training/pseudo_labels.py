@@ -94,6 +94,12 @@ class PseudoLabelConfig:
     # 27-47 mm from the crop's cochlea and was taught as background. Beyond this distance (mm) from the
     # cochlea such a crop is IGNORE. 0 = off (the whole crop labelled).
     vs_free_ear_ignore_beyond_cochlea_mm: float = 0.0
+    # Label-free growing of an under-segmented pseudo-VS (members miss the canal part; found pseudo-VS are 0.64 x
+    # the true volume): voxels within this distance (mm) of the found VS whose intensity lies within the
+    # ``vs_grow_quantiles`` of the found VS's own intensities, and that connect to it through such voxels
+    # (6-connected), become VS. Never the cochlea or a hard negative. Needs the crop image. 0 = off.
+    vs_grow_mm: float = 0.0
+    vs_grow_quantiles: tuple = (0.1, 0.9)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,10 +149,23 @@ def _nearest_per_component(mask: np.ndarray, distance: np.ndarray) -> tuple[np.n
     return comps, nearest
 
 
-def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = False) -> tuple[np.ndarray, float]:
+def grow_vs(labels: np.ndarray, image: np.ndarray, cfg: PseudoLabelConfig, protected: np.ndarray) -> np.ndarray:
+    """Voxels (bool (z, y, x)) to add to the pseudo-VS of ``labels``: within ``cfg.vs_grow_mm`` of it, with an
+    intensity of ``image`` (same grid, normalised) inside the ``cfg.vs_grow_quantiles`` of the VS's intensities,
+    reachable from it through such voxels (6-connectivity); never COCHLEA or ``protected`` voxels."""
+    vs = labels == VS
+    lo, hi = np.quantile(image[vs], cfg.vs_grow_quantiles)
+    candidate = ((image >= lo) & (image <= hi) & (labels != COCHLEA) & ~protected
+                 & (_distance_mm(vs, cfg.spacing_zyx_mm) <= cfg.vs_grow_mm))
+    grown = ndimage.binary_propagation(vs, structure=ndimage.generate_binary_structure(3, 1), mask=candidate | vs)
+    return grown & ~vs
+
+
+def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = False,
+                 image: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """(labels uint8 (z, y, x): 0, VS, COCHLEA or IGNORE, case confidence in [0, 1]) from fused probabilities
     (C, z, y, x). ``vs_free``: the crop is known to hold no tumour (its label map is not trimmed to the cochlea
-    surroundings, and any "VS" found in it becomes IGNORE)."""
+    surroundings, and any "VS" found in it becomes IGNORE). ``image``: the crop (z, y, x), for ``vs_grow_mm``."""
     labels = probs.argmax(0).astype(np.uint8)
     top = probs.max(0)
     unsure = top < cfg.min_voxel_confidence
@@ -195,6 +214,10 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         if cochlea_mm is None:
             cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
         labels[cochlea_mm > ignore_beyond_mm] = IGNORE
+    if cfg.vs_grow_mm > 0 and (labels == VS).any():
+        if image is None:
+            raise ValueError("vs_grow_mm needs the crop image")
+        labels[grow_vs(labels, np.asarray(image, np.float32), cfg, hard_negative)] = VS
     if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():
         labels[(_distance_mm(labels == VS, cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm) & (labels == 0)] = IGNORE
     labels[hard_negative] = 0
@@ -237,7 +260,7 @@ def pseudo_label_crops(members: list, crops: list, cfg: PseudoLabelConfig, fusio
         for mine in scans.values():
             probs = {k: ensemble_probabilities(members, crops[k], fusion) for k in mine}
             for k in mine:
-                labels, conf = pseudo_label(probs[k], cfg)
+                labels, conf = pseudo_label(probs[k], cfg, image=crops[k])
                 labelled[k], records[k] = (crops[k], labels), _record(k, labels, conf)
             if cfg.one_vs_per_scan:
                 tumour = max(mine, key=lambda k: records[k]["vs_voxels"])
@@ -245,7 +268,7 @@ def pseudo_label_crops(members: list, crops: list, cfg: PseudoLabelConfig, fusio
                     if records[tumour]["vs_voxels"] == 0:  # the ensemble missed this scan's tumour
                         records[k]["confidence"] = 0.0
                     elif k != tumour:
-                        labels, conf = pseudo_label(probs[k], cfg, vs_free=True)
+                        labels, conf = pseudo_label(probs[k], cfg, vs_free=True, image=crops[k])
                         labelled[k], records[k] = (crops[k], labels), _record(k, labels, conf)
             bar.update(len(mine))
     keep = set(select_confident([r["confidence"] for r in records], cfg, [r["vs_voxels"] > 0 for r in records]))

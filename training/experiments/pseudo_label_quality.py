@@ -73,18 +73,22 @@ def main(argv=None) -> dict:
     ap.add_argument("run", type=Path, help="pipeline run folder with target_crops/ and pseudo_labels/")
     ap.add_argument("labels", type=Path, help="folder of the target scans' <case>_Label.nii.gz (diagnosis only)")
     ap.add_argument("--json", type=Path, help="write the per-crop rows and the summary here")
+    ap.add_argument("--pseudo", default="pseudo_labels",
+                    help="pseudo-label folder inside RUN (default pseudo_labels; a later self-training round's: "
+                         "self_train/round2_pseudo_labels)")
     args = ap.parse_args(argv)
 
     truth = [vs for _, _, vs in target_crops_with_truth(args.run, args.labels)]
-    with open(args.run / "pseudo_labels" / "pseudo_labels.csv", newline="") as f:
+    folder = args.run / args.pseudo
+    with open(folder / "pseudo_labels.csv", newline="") as f:
         used = [(r["case"], int(r["crop"])) for r in csv.DictReader(f) if r["used"] == "True"]
-    with np.load(args.run / "pseudo_labels" / "pseudo_labels.npz") as z:
+    with np.load(folder / "pseudo_labels.npz") as z:
         labels = z["labels"] if z["labels"].ndim == 4 else np.zeros((0,))
     if len(labels) != len(used):
-        raise SystemExit(f"{args.run}/pseudo_labels: {len(labels)} label maps for {len(used)} used crops")
+        raise SystemExit(f"{folder}: {len(labels)} label maps for {len(used)} used crops")
     rows = [{"case": case, "crop": k, **crop_quality(lab, truth[k])}
             for (case, k), lab in zip(used, labels)]
-    result = {"run": str(args.run), "summary": summarise(rows), "crops": rows}
+    result = {"run": str(args.run), "pseudo_labels": args.pseudo, "summary": summarise(rows), "crops": rows}
     print(json.dumps(result["summary"], indent=2))
     if args.json:
         tmp = args.json.with_suffix(".tmp")
