@@ -636,6 +636,25 @@ def _pseudo_arrays(folder: Path) -> list:
         return list(zip(z["images"], z["labels"])) if z["images"].ndim == 4 else []
 
 
+def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, st: dict) -> dict:
+    """One self-training round: every member trained again in ``d`` on fake hrT2 + ``pseudo`` [(image, label)]
+    (repeated so they make ``pseudo_fraction`` of the draws); with ``warm_start`` fine-tuned from its weights in
+    ``init_dir``. Returns the ``_train_members`` record."""
+    share = float(st.get("pseudo_fraction", 0.5))
+
+    def mix(labelled):
+        if not pseudo or share <= 0:
+            return labelled
+        reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))
+        return labelled + pseudo * reps
+
+    def trainer(arrays, tcfg, dd, name, run):
+        init = init_dir / f"{name}.safetensors" if st.get("warm_start", False) else None
+        return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
+
+    return _train_members(run, d, mix, trainer, st.get("train"))
+
+
 def stage_self_train(run: Run, d: Path) -> dict:
     """Method a: ``self_training.rounds`` rounds (default 1) of retraining the members on fake hrT2 + pseudo-labelled
     real hrT2. Round 1 uses stage 4's pseudo-labels (and, with ``warm_start``, starts from the stage-3 weights);
@@ -648,9 +667,7 @@ def stage_self_train(run: Run, d: Path) -> dict:
         rounds = int(st.get("rounds", 1))
         if rounds < 1:
             raise ValueError(f"self_training.rounds must be at least 1, not {rounds}")
-        share = float(st.get("pseudo_fraction", 0.5))
-        warm = st.get("warm_start", False)
-        start_dir, pseudo_dir, previous, info = run.out / "segment", run.out / "pseudo_labels", [], {}
+        start_dir, pseudo_dir, info = run.out / "segment", run.out / "pseudo_labels", {}
         for r in range(1, rounds + 1):
             rd = d if r == rounds else d / f"round{r}"
             rd.mkdir(parents=True, exist_ok=True)
@@ -659,24 +676,11 @@ def stage_self_train(run: Run, d: Path) -> dict:
                 if not (pseudo_dir / "pseudo_labels.npz").exists():
                     pseudo_dir.mkdir(parents=True, exist_ok=True)
                     info[f"round{r}_pseudo_labels"] = make_pseudo_labels(
-                        run, _members_of(run, previous, start_dir), pseudo_dir)
-            pseudo = _pseudo_arrays(pseudo_dir)
-
-            def mix(labelled, pseudo=pseudo):
-                # Repeat the (fewer) pseudo-labelled real crops so they make ``pseudo_fraction`` of the draws.
-                if not pseudo or share <= 0:
-                    return labelled
-                reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))
-                return labelled + pseudo * reps
-
-            def trainer(arrays, tcfg, dd, name, run, start_dir=start_dir):
-                init = start_dir / f"{name}.safetensors" if warm else None
-                return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
-
-            record = _train_members(run, rd, mix, trainer, st.get("train"))
+                        run, _members_of(run, record["members"], start_dir), pseudo_dir)
+            record = _retrain_on_pseudo_labels(run, rd, _pseudo_arrays(pseudo_dir), start_dir, st)
             if r < rounds:
                 info[f"round{r}_members"] = record["members"]
-            previous, start_dir = record["members"], rd
+            start_dir = rd
         return {**info, **record}
     if mode == "mean_teacher":
         mt = MeanTeacherConfig(**st.get("mean_teacher", {}))

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from VSCochleaSegLib.labels import VS
+
 from training.experiments.target_truth import target_crops_with_truth
 from training.segmentation import IGNORE
 
-VS = 1
 
 
 def crop_quality(pseudo: np.ndarray, true_vs: np.ndarray) -> dict:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from VSCochleaSegLib.labels import VS
 from VSCochleaSegLib.localise import EarLocations
 from VSCochleaSegLib.normalisation import IntensityScale
 
 from training import pipeline
 
-VS = 1
 
 
 def target_crops_with_truth(run_dir: Path, labels_dir: Path, label: int = VS
