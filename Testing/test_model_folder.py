@@ -233,6 +233,8 @@ _SEG_NET = "segmentation.members.0.network"
     (_set("crop.mirror_right", "yes"), "field 'crop.mirror_right' must be true or false"),
     (_set(f"{_SEG_NET}.in_channels", 1.5), f"field 'segmentation.members[0].network.in_channels' must be an integer"),
     (_set(f"{_SEG_NET}.dims", 4), "network.dims' must be 2 or 3"),
+    (_set(f"{_SEG_NET}.in_channels", 2), "a 2D network reads 1 axial slice, or an odd number"),
+    (_set("localiser.network.in_channels", 3), "a 3D network reads the one hrT2 volume, so it must be 1"),
     (_set(f"{_SEG_NET}.filters", [4, 8, 16, 32]), "has 4 levels but kernel_size has 3"),
     (_set(f"{_SEG_NET}.filters", [4, 8]), "has 2 levels but kernel_size has 3"),
     (_set(f"{_SEG_NET}.strides", [[1, 1], [2, 2, 2], [2, 2]]), "network.strides[1]' must be a list of 2 integers"),

@@ -1,4 +1,4 @@
-"""nnU-Net-like intensity augmentation on batches (B, 1, *spatial) in [0, ~1.5], in torch.
+"""nnU-Net-like intensity augmentation on batches (B, C, *spatial) in [0, ~1.5], in torch (C > 1: 2.5D slices).
 
 Spatial variety comes from the data itself (phantoms vary pose, obliquity and spacing; real data
 varies anyway) and from random crop positions; these transforms vary contrast, brightness, gamma,
@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (1, 1, *spatial) with replicate padding."""
+    """Separable Gaussian blur of (1, C, *spatial) (each channel alone) with replicate padding."""
+    channels = x.shape[1]
+    x = x.transpose(0, 1)  # channels as batch: (C, 1, *spatial)
     radius = max(int(round(2 * sigma)), 1)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-(t**2) / (2 * sigma**2))
@@ -27,7 +29,7 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         pad = [0, 0] * dims  # F.pad lists the last axis first
         pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
         x = conv(F.pad(x, pad, mode="replicate"), k.view(shape))
-    return x
+    return x.transpose(0, 1) if channels > 1 else x
 
 
 def augment_intensity(x: torch.Tensor, g: torch.Generator, p: float = 0.15) -> torch.Tensor:

@@ -66,8 +66,9 @@ class TrainConfig:
 
 
 def _random_patch(img, lab, patch, rng, centre=None):
-    """Cut ``patch`` (same ndim as img) around ``centre`` (or uniformly at random), zero-padding outside."""
-    shape = np.array(img.shape)
+    """Cut ``patch`` (same ndim as ``lab``) around ``centre`` (or uniformly at random), zero-padding outside.
+    ``img`` is shaped like ``lab`` or has one leading channel axis more (2.5D slices), which is kept whole."""
+    shape = np.array(lab.shape)
     patch = np.array(patch)
     if centre is None:
         lo = np.array([rng.integers(min(0, s - p), max(s - p, 0) + 1) for s, p in zip(shape, patch)])
@@ -75,21 +76,32 @@ def _random_patch(img, lab, patch, rng, centre=None):
         lo = np.asarray(centre) - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
     hi = lo + patch
     src_lo, src_hi = np.maximum(lo, 0), np.minimum(hi, shape)
-    out_img = np.zeros(patch, np.float32)
+    out_img = np.zeros(img.shape[: img.ndim - len(patch)] + tuple(patch), np.float32)
     out_lab = np.zeros(patch, np.uint8)
     dst = tuple(slice(a - l, b - l) for a, b, l in zip(src_lo, src_hi, lo))
     src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
-    out_img[dst] = img[src]
+    out_img[(..., *dst)] = img[(..., *src)]
     out_lab[dst] = lab[src]
     return out_img, out_lab
 
 
+def slice_slab(img: np.ndarray, z: int, k: int) -> np.ndarray:
+    """Axial slices z − k … z + k of ``img`` (z, y, x) as (2k + 1, y, x), lowest z first, the first and last
+    slices repeated beyond the volume: the training side of ``VSCochleaSegLib.inference.slice_context``."""
+    return img[np.clip(np.arange(z - k, z + k + 1), 0, img.shape[0] - 1)]
+
+
 class PatchSampler:
-    """Draws training batches from a list of (image, labels) arrays (z, y, x)."""
+    """Draws training batches from a list of (image, labels) arrays (z, y, x).
+
+    ``batch()`` returns images (B, C, *patch) float32 and labels (B, 1, *patch) int64; C is the network's
+    ``in_channels`` (2D networks with C = 2k + 1 get each slice with its k neighbours on either side, the
+    labels of the centre slice)."""
 
     def __init__(self, arrays: list, cfg: TrainConfig, rng: np.random.Generator):
         self.arrays, self.cfg, self.rng = arrays, cfg, rng
         self.fg = [{c: np.argwhere(lab == c) for c in (1, 2)} for _, lab in arrays]
+        self.context = cfg.network_spec.in_channels // 2 if len(cfg.patch_size_zyx) == 2 else 0
 
     def batch(self):
         imgs, labs = [], []
@@ -103,14 +115,15 @@ class PatchSampler:
             centre = pts[self.rng.integers(len(pts))] if pts is not None and len(pts) else None
             if dims == 2:
                 z = int(centre[0]) if centre is not None else int(self.rng.integers(img.shape[0]))
-                pi, pl = _random_patch(img[z], lab[z], self.cfg.patch_size_zyx, self.rng, None if centre is None else centre[1:])
+                src = img[z] if self.context == 0 else slice_slab(img, z, self.context)
+                pi, pl = _random_patch(src, lab[z], self.cfg.patch_size_zyx, self.rng, None if centre is None else centre[1:])
             else:
                 pi, pl = _random_patch(img, lab, self.cfg.patch_size_zyx, self.rng, centre)
             if self.cfg.random_contrast_probability and self.rng.random() < self.cfg.random_contrast_probability:
                 pi = random_contrast(pi, self.rng).astype(np.float32)
-            imgs.append(pi)
+            imgs.append(pi if pi.ndim > pl.ndim else pi[None])
             labs.append(pl)
-        return torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
+        return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
 
 
 IGNORE = 255  # label value of voxels that carry no training signal (uncertain pseudo-labels)

@@ -96,6 +96,17 @@ def _window_count(shape: tuple, roi: tuple, overlap: float) -> int:
     return n
 
 
+def slice_context(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """2.5D input: (B, 1, z, y, x) → (B, channels, z, y, x), channel j holding axial slice z + j − k (k =
+    channels // 2; lowest z first), the first and last slices repeated beyond the volume. ``channels`` 1
+    returns ``x`` itself."""
+    if channels == 1:
+        return x
+    k = channels // 2
+    z = torch.arange(x.shape[2], device=x.device)
+    return torch.cat([x.index_select(2, (z + d).clamp(0, x.shape[2] - 1)) for d in range(-k, k + 1)], dim=1)
+
+
 def predict_softmax(
     net: torch.nn.Module,
     volume_zyx: np.ndarray,
@@ -107,7 +118,9 @@ def predict_softmax(
 ) -> np.ndarray:
     """Class probabilities (C, z, y, x) float32 for a normalised volume (z, y, x).
 
-    ``patch_size_zyx`` has 3 entries for a 3D network or 2 (y, x) for a 2D network run slice by slice.
+    ``patch_size_zyx`` has 3 entries for a 3D network or 2 (y, x) for a 2D network run slice by slice; a 2D
+    network with ``in_channels`` 2k + 1 (MONAI DynUNet's attribute) sees each slice with its k neighbours on
+    either side (:func:`slice_context`).
     """
     dims = len(patch_size_zyx)
     flips = [()] + [(a,) for a in settings.mirror_axes]
@@ -128,6 +141,8 @@ def predict_softmax(
     with torch.inference_mode(), settings.autocast(device):
         for flip in flips:
             xi = torch.flip(x, [a + 2 for a in flip]) if flip else x
+            if dims == 2:
+                xi = slice_context(xi, int(getattr(net, "in_channels", 1)))
             if dims == 3:
                 logits = sliding_window_inference(
                     xi, tuple(patch_size_zyx), settings.sw_batch_size, guarded,

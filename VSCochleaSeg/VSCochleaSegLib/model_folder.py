@@ -242,6 +242,8 @@ class NetworkSpec(_Spec):
     ``kernel_size``/``strides`` hold one row per resolution level (``len(filters)`` rows), each row
     with ``dims`` entries in network axis order (z, y, x) for 3D, (y, x) for 2D.
     ``upsample_kernel_size`` is ``strides[1:]`` and the norm is instance norm (not stored).
+    ``in_channels``: 1 for 3D networks; for 2D networks 1 (one axial slice) or 2k + 1 (2.5D: the slice and
+    its k neighbours above and below as channels, lowest z first; see ``inference.slice_context``).
     """
 
     dims: int
@@ -272,7 +274,13 @@ class NetworkSpec(_Spec):
                                        f"strides {len(strides)}; they need one entry per resolution level each.")
         if len(filters) < _MIN_LEVELS:
             raise obj.error("filters", f"has {len(filters)} levels; DynUNet needs at least {_MIN_LEVELS}.")
-        return cls(dims=dims, in_channels=obj.integer("in_channels", minimum=1),
+        in_channels = obj.integer("in_channels", minimum=1)
+        if dims == 3 and in_channels != 1:
+            raise obj.error("in_channels", f"is {in_channels}; a 3D network reads the one hrT2 volume, so it must be 1.")
+        if dims == 2 and in_channels % 2 == 0:
+            raise obj.error("in_channels", f"is {in_channels}; a 2D network reads 1 axial slice, or an odd number "
+                                           f"(2.5D: the slice and the same number of neighbours on each side).")
+        return cls(dims=dims, in_channels=in_channels,
                    out_channels=obj.integer("out_channels", minimum=1), filters=filters,
                    kernel_size=kernel_size, strides=strides, res_block=obj.flag("res_block", False))
 
