@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (1, C, *spatial) (each channel alone) with replicate padding."""
-    channels = x.shape[1]
     x = x.transpose(0, 1)  # channels as batch: (C, 1, *spatial)
     radius = max(int(round(2 * sigma)), 1)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
@@ -29,7 +28,7 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         pad = [0, 0] * dims  # F.pad lists the last axis first
         pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
         x = conv(F.pad(x, pad, mode="replicate"), k.view(shape))
-    return x.transpose(0, 1) if channels > 1 else x
+    return x.transpose(0, 1)
 
 
 def augment_intensity(x: torch.Tensor, g: torch.Generator, p: float = 0.15) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from VSCochleaSegLib.inference import cpu_has_fast_bf16
+from VSCochleaSegLib.inference import cpu_has_fast_bf16, neighbour_slices
 from VSCochleaSegLib.model_folder import NetworkSpec
 from VSCochleaSegLib.networks import build_network, inference_state_dict, load_inference_state_dict
 
@@ -85,12 +85,6 @@ def _random_patch(img, lab, patch, rng, centre=None):
     return out_img, out_lab
 
 
-def slice_slab(img: np.ndarray, z: int, k: int) -> np.ndarray:
-    """Axial slices z − k … z + k of ``img`` (z, y, x) as (2k + 1, y, x), lowest z first, the first and last
-    slices repeated beyond the volume: the training side of ``VSCochleaSegLib.inference.slice_context``."""
-    return img[np.clip(np.arange(z - k, z + k + 1), 0, img.shape[0] - 1)]
-
-
 class PatchSampler:
     """Draws training batches from a list of (image, labels) arrays (z, y, x).
 
@@ -101,7 +95,7 @@ class PatchSampler:
     def __init__(self, arrays: list, cfg: TrainConfig, rng: np.random.Generator):
         self.arrays, self.cfg, self.rng = arrays, cfg, rng
         self.fg = [{c: np.argwhere(lab == c) for c in (1, 2)} for _, lab in arrays]
-        self.context = cfg.network_spec.in_channels // 2 if len(cfg.patch_size_zyx) == 2 else 0
+        self.channels = cfg.network_spec.in_channels if len(cfg.patch_size_zyx) == 2 else 1
 
     def batch(self):
         imgs, labs = [], []
@@ -115,7 +109,7 @@ class PatchSampler:
             centre = pts[self.rng.integers(len(pts))] if pts is not None and len(pts) else None
             if dims == 2:
                 z = int(centre[0]) if centre is not None else int(self.rng.integers(img.shape[0]))
-                src = img[z] if self.context == 0 else slice_slab(img, z, self.context)
+                src = img[z] if self.channels == 1 else img[neighbour_slices(z, self.channels, img.shape[0])]
                 pi, pl = _random_patch(src, lab[z], self.cfg.patch_size_zyx, self.rng, None if centre is None else centre[1:])
             else:
                 pi, pl = _random_patch(img, lab, self.cfg.patch_size_zyx, self.rng, centre)

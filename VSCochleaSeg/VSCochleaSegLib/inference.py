@@ -96,15 +96,21 @@ def _window_count(shape: tuple, roi: tuple, overlap: float) -> int:
     return n
 
 
+def neighbour_slices(z, channels: int, n_slices: int) -> np.ndarray:
+    """Indices of the axial slices a 2.5D network with ``channels`` = 2k + 1 inputs reads for slice(s) ``z`` (int
+    or array): z − k … z + k along a new last axis, lowest first, clipped to [0, n_slices − 1] so the first and
+    last slices repeat beyond the volume. The one rule for inference (:func:`slice_context`) and training."""
+    k = channels // 2
+    return np.clip(np.asarray(z)[..., None] + np.arange(-k, k + 1), 0, n_slices - 1)
+
+
 def slice_context(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """2.5D input: (B, 1, z, y, x) → (B, channels, z, y, x), channel j holding axial slice z + j − k (k =
-    channels // 2; lowest z first), the first and last slices repeated beyond the volume. ``channels`` 1
-    returns ``x`` itself."""
+    """2.5D input: (B, 1, z, y, x) → (B, channels, z, y, x), channel j holding the j-th of
+    :func:`neighbour_slices` of every slice. ``channels`` 1 returns ``x`` itself."""
     if channels == 1:
         return x
-    k = channels // 2
-    z = torch.arange(x.shape[2], device=x.device)
-    return torch.cat([x.index_select(2, (z + d).clamp(0, x.shape[2] - 1)) for d in range(-k, k + 1)], dim=1)
+    idx = torch.from_numpy(neighbour_slices(np.arange(x.shape[2]), channels, x.shape[2])).to(x.device)
+    return torch.cat([x.index_select(2, idx[:, j]) for j in range(channels)], dim=1)
 
 
 def predict_softmax(
@@ -123,6 +129,7 @@ def predict_softmax(
     either side (:func:`slice_context`).
     """
     dims = len(patch_size_zyx)
+    channels = int(getattr(net, "in_channels", 1))
     flips = [()] + [(a,) for a in settings.mirror_axes]
     if dims == 3:
         total = _window_count(volume_zyx.shape, patch_size_zyx, settings.overlap) * len(flips)
@@ -141,8 +148,6 @@ def predict_softmax(
     with torch.inference_mode(), settings.autocast(device):
         for flip in flips:
             xi = torch.flip(x, [a + 2 for a in flip]) if flip else x
-            if dims == 2:
-                xi = slice_context(xi, int(getattr(net, "in_channels", 1)))
             if dims == 3:
                 logits = sliding_window_inference(
                     xi, tuple(patch_size_zyx), settings.sw_batch_size, guarded,
@@ -153,7 +158,7 @@ def predict_softmax(
                     roi_size=tuple(patch_size_zyx), sw_batch_size=settings.slice_batch_size, spatial_dim=0,
                     overlap=settings.overlap, mode="gaussian", padding_mode="constant", cval=0.0, progress=False,
                 )
-                logits = inferer(xi, guarded)
+                logits = inferer(slice_context(xi, channels), guarded)
             prob = torch.softmax(logits.float(), dim=1)
             if flip:
                 prob = torch.flip(prob, [a + 2 for a in flip])

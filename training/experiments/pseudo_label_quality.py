@@ -35,7 +35,6 @@ from training.experiments.target_truth import target_crops_with_truth
 from training.segmentation import IGNORE
 
 
-
 def crop_quality(pseudo: np.ndarray, true_vs: np.ndarray) -> dict:
     """Counts of one crop. ``pseudo``: (z, y, x) pseudo-label map; ``true_vs``: (z, y, x) bool, same shape."""
     p_vs = pseudo == VS

@@ -21,7 +21,6 @@ from VSCochleaSegLib.normalisation import IntensityScale
 from training import pipeline
 
 
-
 def target_crops_with_truth(run_dir: Path, labels_dir: Path, label: int = VS
                             ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(case, image crop (z, y, x) as stored, true ``label`` mask (z, y, x) bool) for every target ear crop, in
