@@ -110,7 +110,7 @@ def slice_context(x: torch.Tensor, channels: int) -> torch.Tensor:
     if channels == 1:
         return x
     idx = torch.from_numpy(neighbour_slices(np.arange(x.shape[2]), channels, x.shape[2])).to(x.device)
-    return torch.cat([x.index_select(2, idx[:, j]) for j in range(channels)], dim=1)
+    return x[:, 0, idx].movedim(2, 1).contiguous()  # (B, z, channels, y, x) → (B, channels, z, y, x)
 
 
 def predict_softmax(
