@@ -302,6 +302,41 @@ def test_pseudo_label_can_leave_a_margin_around_the_vs_unlabelled():
     assert labels[0, 0, 0] == 0
 
 
+def test_pseudo_label_opening_cuts_a_leak_through_a_thin_neck_to_ignore_and_spares_a_thin_vs():
+    """A found tumour (a 4 mm ball) joined by a one-voxel neck to a slab of "VS" leaked into the cerebellum."""
+    from training.pseudo_labels import PseudoLabelConfig, ball, pseudo_label
+    from training.segmentation import IGNORE
+
+    spacing = (1.0, 0.5, 0.5)
+    shape = (12, 40, 60)
+    zz, yy, xx = np.indices(shape) * np.array(spacing)[:, None, None, None]
+    tumour = (zz - 6) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 <= 4.0**2
+    neck = (np.abs(zz - 6) < 0.5) & (np.abs(yy - 10) < 0.3) & (xx > 10) & (xx < 17) & ~tumour
+    leak = (zz >= 3) & (zz <= 9) & (yy >= 6) & (yy <= 14) & (xx >= 17) & (xx <= 19)  # 2 mm thick in x
+    probs = np.zeros((3,) + shape, np.float32)
+    probs[0] = 1.0
+    vs = tumour | neck | leak
+    probs[:, vs] = np.array([0.05, 0.95, 0.0])[:, None]
+    probs[:, 6, 30:32, 2:4] = np.array([0.05, 0.0, 0.95])[:, None, None]  # cochlea
+    cfg = dict(min_vs_voxels=1, spacing_zyx_mm=spacing)
+    plain, _ = pseudo_label(probs, PseudoLabelConfig(**cfg))
+    opened, _ = pseudo_label(probs, PseudoLabelConfig(**cfg, vs_open_mm=1.5))
+    assert (plain[vs] == 1).all()
+    assert (opened[neck | leak] == IGNORE).all()  # cut off: neither VS nor background
+    assert (opened == 1).sum() > 0.8 * tumour.sum() and ((opened == 1) & ~tumour).sum() == 0  # the ball survives
+    assert (opened == 2).sum() == (plain == 2).sum() and (opened[~vs & (plain == 0)] == 0).all()
+    # A pseudo-VS thinner than the ball everywhere (here the neck alone) is not erased.
+    probs_thin = np.zeros_like(probs)
+    probs_thin[0] = 1.0
+    probs_thin[:, neck] = np.array([0.05, 0.95, 0.0])[:, None]
+    probs_thin[:, 6, 30:32, 2:4] = np.array([0.05, 0.0, 0.95])[:, None, None]
+    thin, _ = pseudo_label(probs_thin, PseudoLabelConfig(**cfg, vs_open_mm=1.5))
+    assert (thin[neck] == 1).all()
+    # 1 mm ball on 1 × 0.5 × 0.5 mm voxels: 13 in-plane offsets (|d| ≤ 1 mm) and one above and one below.
+    b = ball(1.0, spacing)
+    assert b.shape == (3, 5, 5) and b[1].sum() == 13 and b[0].sum() == b[2].sum() == 1
+
+
 def test_pseudo_label_can_grow_an_under_segmented_vs_along_tissue_of_its_own_intensity():
     """The members find the tumour's cisternal part but not the grey rod it sends into the bright canal."""
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
 
 from training.translation import TranslationConfig, Translator, train_translation  # noqa: E402
+from training.translation.data import DomainSampler  # noqa: E402
 from training.translation.train import CHECKPOINT  # noqa: E402
 
 SHAPE = (16, 32, 32)
@@ -65,14 +66,15 @@ def trained(data, tmp_path_factory):
     """One finished tiny run per model (module-scoped: each is trained once)."""
     cet1, labels, hrt2 = data
     runs = {}
-    for key, model, dims in [("cyclegan_seg", "cyclegan_seg", 2), ("cut", "cut", 2), ("cutseg", "cutseg", 2),
-                             ("cyclegan_seg_3d", "cyclegan_seg", 3)]:
+    for key, model, dims, extra in [("cyclegan_seg", "cyclegan_seg", 2, {}), ("cut", "cut", 2, {}),
+                                    ("cutseg", "cutseg", 2, {}), ("cyclegan_seg_3d", "cyclegan_seg", 3, {}),
+                                    ("cyclegan_seg_slab", "cyclegan_seg", 2, {"slab_slices": 3})]:
         out = tmp_path_factory.mktemp(key)
-        runs[key] = (out, train_translation(cet1, labels, hrt2, tiny_config(model, dims), out, progress=False))
+        runs[key] = (out, train_translation(cet1, labels, hrt2, tiny_config(model, dims, **extra), out, progress=False))
     return runs
 
 
-RUNS = ["cyclegan_seg", "cut", "cutseg", "cyclegan_seg_3d"]
+RUNS = ["cyclegan_seg", "cut", "cutseg", "cyclegan_seg_3d", "cyclegan_seg_slab"]
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -109,7 +111,7 @@ def test_unknown_snapshot_is_refused(trained, data):
         trained["cut"][1].translate_volume(data[0][0], snapshot=2)
 
 
-@pytest.mark.parametrize("run", ["cyclegan_seg", "cutseg", "cyclegan_seg_3d"])
+@pytest.mark.parametrize("run", ["cyclegan_seg", "cutseg", "cyclegan_seg_3d", "cyclegan_seg_slab"])
 def test_built_in_segmenter_labels_a_real_target_volume(trained, data, run):
     labels = trained[run][1].segment_volume(data[2][0])
     assert labels.shape == SHAPE and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
@@ -136,7 +138,7 @@ def test_cutseg_segmentation_joins_after_cut_pretraining(trained):
     assert float(rows[0]["seg"]) == 0.0 and float(rows[1]["seg"]) > 0.0
 
 
-@pytest.mark.parametrize("run", ["cyclegan_seg", "cutseg"])
+@pytest.mark.parametrize("run", ["cyclegan_seg", "cutseg", "cyclegan_seg_slab"])
 def test_saved_translator_reloads_and_translates_identically(trained, data, run, tmp_path):
     out_dir, translator = trained[run]
     again = Translator.load(out_dir)
@@ -206,6 +208,40 @@ def test_config_round_trips_through_json_and_rejects_unknown_keys(tmp_path):
         TranslationConfig.from_dict({"modle": "cut"})
     with pytest.raises(ValueError):
         TranslationConfig(model="cut", dims=3, image_size=(32, 32))
+
+
+def test_slab_sampler_gives_each_slice_with_its_neighbours_and_the_centre_label():
+    z = np.arange(SHAPE[0], dtype=np.float32)[:, None, None]
+    volume = np.broadcast_to(z, SHAPE).copy()  # slice z holds the value z (min-max: z / 15)
+    labels = (np.broadcast_to(z, SHAPE) % 3).astype(np.uint8)  # slice z labelled z mod 3
+    sampler = DomainSampler([volume], (32, 32), np.random.default_rng(0), [labels], slab=3)
+    images, labs = sampler.batch(6)
+    assert images.shape == (6, 3, 32, 32) and labs.shape == (6, 1, 32, 32)
+    centre = np.rint(images[:, 1, 0, 0].numpy() * 15).astype(int)
+    for j in range(3):  # channel j is slice centre + j - 1, clipped to the volume
+        expected = np.clip(centre + j - 1, 0, SHAPE[0] - 1) / 15
+        assert np.allclose(images[:, j].numpy(), expected[:, None, None])
+    assert np.array_equal(labs[:, 0, 0, 0].numpy(), centre % 3)
+
+
+def test_slab_translator_reads_the_neighbouring_slices_and_a_plain_one_does_not(trained, data):
+    volume = data[0][0]
+    changed = volume.copy()
+    changed[9] = np.flip(changed[9], 1)  # only slice 9 differs
+    for run, neighbours_move in [("cyclegan_seg_slab", True), ("cyclegan_seg", False)]:
+        translator = trained[run][1]
+        before, after = translator.translate_volume(volume), translator.translate_volume(changed)
+        moved = [not np.allclose(before[z], after[z], atol=1e-6) for z in range(SHAPE[0])]
+        assert moved[9] and moved[8] == moved[10] == neighbours_move
+        assert not any(moved[:8]) and not any(moved[11:])
+    assert trained["cyclegan_seg_slab"][1].slab == 3 and trained["cyclegan_seg"][1].slab == 1
+
+
+@pytest.mark.parametrize("bad", [dict(slab_slices=2), dict(slab_slices=0), dict(slab_slices=3, dims=3, image_size=SHAPE),
+                                 dict(slab_slices=3, model="cutseg")])
+def test_slab_settings_that_cannot_work_are_refused(bad):
+    with pytest.raises(ValueError, match="slab_slices"):
+        TranslationConfig(**{"model": "cyclegan_seg", "image_size": (32, 32), **bad})
 
 
 def test_default_config_has_method_a_loss_weights():

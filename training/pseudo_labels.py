@@ -15,6 +15,9 @@ methods clean their outputs and filtered by confidence:
 - optionally (``hard_negative_beyond_cochlea_mm``) confident "VS" components far from the cochlea are labelled
   background even where IGNORE would otherwise apply: label-free hard negatives (cerebellum, brainstem edges);
 - optionally (``vs_ignore_margin_mm``) background around a pseudo-labelled VS is IGNORE (members under-segment);
+- optionally (``vs_grow_mm``) each pseudo-VS is grown into connected voxels of its own intensity (members
+  under-segment), and (``vs_open_mm``) opened with a ball so that a leak through a thin neck into the abutting
+  cerebellum or brainstem is cut off and becomes IGNORE;
 - optionally (``vs_free_ear_ignore_beyond_cochlea_mm``) the far (medial) part of a tumour-free ear's crop, which
   reaches into the other ear's cerebellopontine angle, is IGNORE;
 - optionally (``one_vs_per_scan``) the CrossMoDA prior that every scan holds one unilateral VS: the crops of
@@ -100,6 +103,12 @@ class PseudoLabelConfig:
     # (6-connected), become VS. Never the cochlea or a hard negative. Needs the crop image. 0 = off.
     vs_grow_mm: float = 0.0
     vs_grow_quantiles: tuple = (0.1, 0.9)
+    # Label-free trimming of a pseudo-VS that leaked into the cerebellum or brainstem it abuts (grey like the
+    # tumour on hrT2; on the phantom target crops pseudo-VS were 1.23 x the true volume where found): after any
+    # growing, the VS is opened with a ball of this radius (mm) and its largest remaining part kept; the voxels
+    # cut off (thin necks and the tissue beyond them) become IGNORE, neither VS nor background; a VS that the
+    # opening would remove entirely is left as it is. 0 = off.
+    vs_open_mm: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,6 +156,20 @@ def _nearest_per_component(mask: np.ndarray, distance: np.ndarray) -> tuple[np.n
     if n:
         nearest[1:] = ndimage.minimum(distance, comps, np.arange(1, n + 1))
     return comps, nearest
+
+
+def ball(radius_mm: float, spacing_zyx_mm) -> np.ndarray:
+    """Structuring element (bool (z, y, x)): voxel offsets within ``radius_mm`` of the centre on this grid."""
+    sp = np.asarray(spacing_zyx_mm, float)
+    n = np.floor(radius_mm / sp).astype(int)
+    grid = np.mgrid[tuple(slice(-k, k + 1) for k in n)] * sp[:, None, None, None]
+    return (grid**2).sum(0) <= radius_mm**2 + 1e-9
+
+
+def open_vs(vs: np.ndarray, radius_mm: float, spacing_zyx_mm) -> np.ndarray:
+    """The pseudo-VS mask ``vs`` (bool (z, y, x)) opened with a ball of ``radius_mm`` (mm), its largest
+    26-connected part kept; empty when nothing survives the opening."""
+    return _largest_component(ndimage.binary_opening(vs, structure=ball(radius_mm, spacing_zyx_mm)))
 
 
 def grow_vs(labels: np.ndarray, image: np.ndarray, cfg: PseudoLabelConfig, protected: np.ndarray) -> np.ndarray:
@@ -218,6 +241,11 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         if image is None:
             raise ValueError("vs_grow_mm needs the crop image")
         labels[grow_vs(labels, np.asarray(image, np.float32), cfg, hard_negative)] = VS
+    if cfg.vs_open_mm > 0 and (labels == VS).any():
+        vs = labels == VS
+        kept = open_vs(vs, cfg.vs_open_mm, cfg.spacing_zyx_mm)
+        if kept.any():  # a VS thinner than the ball everywhere is left as it is
+            labels[vs & ~kept] = IGNORE
     if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():
         labels[(_distance_mm(labels == VS, cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm) & (labels == 0)] = IGNORE
     labels[hard_negative] = 0

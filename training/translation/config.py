@@ -23,12 +23,18 @@ class TranslationConfig:
     ``image_size``: training patch, (y, x) for ``dims=2`` (random axial slices cut to this size) or
     (z, y, x) for ``dims=3``. Iteration counts (``iterations``, ``seg_warmup_iterations``,
     ``pretrain_iterations``, ``save_at``, ``checkpoint_every``) count optimiser steps (one batch each).
+    ``slab_slices`` (odd, 2D only): > 1 makes the translation 2.5D — generators and discriminators read and
+    write a slab of that many neighbouring axial slices as channels (the discriminators then judge whether
+    neighbouring slices agree, as they do in a real scan), segmentation heads label the slab's centre slice,
+    and a volume is translated slab by slab keeping each centre slice (neighbours from
+    ``VSCochleaSegLib.inference.neighbour_slices``, the rule the 2.5D segmentation members use).
     An "epoch" for the learning-rate decay is ``epoch_iterations`` steps: lr(it) = lr · lr_decay^⌊it/epoch⌋.
     """
 
     model: str = "cyclegan_seg"  # cyclegan_seg (method a) | cut | cutseg (method b)
     dims: int = 2
     image_size: tuple = (112, 128)
+    slab_slices: int = 1  # 2D only: neighbouring axial slices read and written together (odd; 1 = plain 2D)
     iterations: int = 2000
     batch_size: int = 4
     # networks
@@ -84,6 +90,12 @@ class TranslationConfig:
             raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
         if self.dims not in (2, 3) or len(self.image_size) != self.dims:
             raise ValueError(f"image_size {self.image_size} needs {self.dims} entries (dims={self.dims})")
+        if self.slab_slices < 1 or self.slab_slices % 2 == 0:
+            raise ValueError(f"slab_slices must be an odd number ≥ 1 (the slice and k neighbours on each side), "
+                             f"not {self.slab_slices}")
+        if self.slab_slices > 1 and (self.dims != 2 or self.model == "cutseg"):
+            raise ValueError("slab_slices > 1 needs dims 2 and model cyclegan_seg or cut (CutSeg's segmentation "
+                             "module reads single slices); set slab_slices to 1")
         if self.kspace_cycle not in ("complex", "magnitude", "none"):
             raise ValueError(f"kspace_cycle must be complex, magnitude or none, not {self.kspace_cycle!r}")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -3,13 +3,16 @@ patches (3D), one domain per sampler.
 
 Method a min-max normalises every volume to [0, 1] before translation; the volumes we receive are
 already scaled by the engine's percentile normalisation ([0, 1.5]), so min-max only fixes the range the
-sigmoid generator can produce. Arrays are (z, y, x); batches are tensors (B, 1, *image_size).
+sigmoid generator can produce. Arrays are (z, y, x); batches are tensors (B, 1, *image_size), or
+(B, slab, y, x) images with the centre slice's (B, 1, y, x) labels for 2.5D (slab) translation.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from VSCochleaSegLib.inference import neighbour_slices
 
 
 def minmax(volume: np.ndarray) -> np.ndarray:
@@ -36,11 +39,12 @@ class DomainSampler:
 
     ``image_size``: (y, x) → axial slices cut to that size; (z, y, x) → 3D patches. A share
     ``oversample_foreground`` of patches is centred (± a quarter patch) on a random labelled voxel, so
-    segmentation heads see tumour and cochlea often enough; the rest are uniform.
+    segmentation heads see tumour and cochlea often enough; the rest are uniform. ``slab`` > 1 (2D only): each
+    slice comes with its neighbours (:func:`~VSCochleaSegLib.inference.neighbour_slices`) as channels.
     """
 
     def __init__(self, volumes: list, image_size, rng: np.random.Generator, labels: list | None = None,
-                 oversample_foreground: float = 0.0):
+                 oversample_foreground: float = 0.0, slab: int = 1):
         if not volumes:
             raise ValueError("no volumes to sample from")
         self.volumes = [minmax(v) for v in volumes]
@@ -48,6 +52,9 @@ class DomainSampler:
         if self.labels is not None and [lab.shape for lab in self.labels] != [v.shape for v in self.volumes]:
             raise ValueError("every label map must have its image's shape")
         self.size = tuple(int(s) for s in image_size)
+        self.slab = int(slab)
+        if self.slab > 1 and len(self.size) != 2:
+            raise ValueError("slab sampling needs a 2D image_size (y, x)")
         self.rng = rng
         self.oversample = oversample_foreground if self.labels is not None else 0.0
         self.foreground = None if self.labels is None else [np.argwhere(lab > 0) for lab in self.labels]
@@ -62,19 +69,21 @@ class DomainSampler:
             centre = self.foreground[k][self.rng.integers(len(self.foreground[k]))]
         if len(size) == 2:  # an axial slice, then a window in it
             z = int(centre[0]) if centre is not None else int(self.rng.integers(vol.shape[0]))
-            vol, lab = vol[z], None if lab is None else lab[z]
+            vol, lab = vol[neighbour_slices(z, self.slab, vol.shape[0])], None if lab is None else lab[z]
             centre = None if centre is None else centre[1:]
-        shape = np.array(vol.shape)
+        shape = np.array(vol.shape[-len(size):])
         if centre is None:
             lo = np.array([self.rng.integers(min(0, s - p), max(s - p, 0) + 1) for s, p in zip(shape, size)])
         else:
             lo = np.asarray(centre) - size // 2 + self.rng.integers(-(size // 4), size // 4 + 1)
-        return crop(vol, lo, size), None if lab is None else crop(lab, lo, size)
+        lead = vol.ndim - len(size)  # the slab axis of a 2.5D sample is kept whole
+        image = crop(vol, np.concatenate([np.zeros(lead, int), lo]).astype(int), vol.shape[:lead] + tuple(size))
+        return image, None if lab is None else crop(lab, lo, size)
 
     def batch(self, n: int):
-        """(images (n, 1, *size) float32, labels (n, 1, *size) int64 or None)."""
+        """(images (n, slab, *size) float32, labels (n, 1, *size) int64 or None); slab is 1 unless set."""
         pairs = [self._one() for _ in range(n)]
-        images = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+        images = torch.from_numpy(np.stack([p[0] for p in pairs]).reshape(n, -1, *self.size))
         if self.labels is None:
             return images, None
         return images, torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))[:, None]

@@ -36,14 +36,15 @@ N_CLASSES = 3  # background, VS, cochlea
 
 
 def generator_kwargs(cfg: TranslationConfig, seg_classes: int = 0) -> dict:
-    """Everything needed to rebuild the generator (stored with exported translators)."""
-    return {"dims": cfg.dims, "in_channels": 1, "out_channels": 1, "base_filters": cfg.base_filters,
+    """Everything needed to rebuild the generator (stored with exported translators); a slab translator
+    reads and writes ``cfg.slab_slices`` channels."""
+    return {"dims": cfg.dims, "in_channels": cfg.slab_slices, "out_channels": cfg.slab_slices, "base_filters": cfg.base_filters,
             "levels": cfg.levels, "strides": [list(s) for s in plan_strides(cfg.image_size, cfg.levels)],
             "seg_classes": seg_classes}
 
 
 def discriminator_kwargs(cfg: TranslationConfig) -> dict:
-    return {"dims": cfg.dims, "in_channels": 1, "filters": cfg.disc_filters, "n_layers": cfg.disc_layers,
+    return {"dims": cfg.dims, "in_channels": cfg.slab_slices, "filters": cfg.disc_filters, "n_layers": cfg.disc_layers,
             "strides": plan_strides(cfg.image_size, cfg.disc_layers)}
 
 
@@ -117,7 +118,8 @@ class TranslationModel(nn.Module):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
     def set_input(self, real_a: torch.Tensor, labels_a: torch.Tensor, real_b: torch.Tensor) -> None:
-        """One batch: source images (B, 1, *size) in [0, 1], their labels (B, 1, *size) int, target images."""
+        """One batch: source images (B, slab, *size) in [0, 1], their (centre slice's) labels (B, 1, *size) int,
+        target images (B, slab, *size); slab is ``cfg.slab_slices`` (1 unless 2.5D)."""
         self.real_A = real_a.to(self.device, non_blocking=True)
         self.labels_A = labels_a.to(self.device, non_blocking=True)
         self.real_B = real_b.to(self.device, non_blocking=True)

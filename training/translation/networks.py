@@ -120,7 +120,8 @@ class UNetGenerator(nn.Module):
         strides: one stride tuple per level (default 2 on every axis), see :func:`plan_strides`.
         seg_classes: > 0 adds a segmentation decoder giving that many logits per voxel.
 
-    ``forward(x)``: (B, 1, *spatial) in [0, 1] → translated image (B, 1, *spatial) in [0, 1] (sigmoid).
+    ``forward(x)``: (B, in_channels, *spatial) in [0, 1] → translated image (B, out_channels, *spatial) in [0, 1]
+    (sigmoid); both channel counts are 1, or the slab's slices for 2.5D translation.
     """
 
     def __init__(self, dims: int = 2, in_channels: int = 1, out_channels: int = 1, base_filters: int = 32,
@@ -165,7 +166,7 @@ class UNetGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN discriminator: (B, 1, *spatial) → a map of real/fake scores (B, 1, *spatial').
+    """PatchGAN discriminator: (B, in_channels, *spatial) → a map of real/fake scores (B, 1, *spatial').
 
     4×4 convolutions, the first without norm, LeakyReLU 0.2, ``n_layers`` strided layers and two
     stride-1 layers; filters double per layer up to 8× ``filters``. ``n_layers=3`` gives the 70×70

@@ -113,8 +113,9 @@ def train_translation(source_images: list, source_labels: list, target_images: l
             return finished
     (out_dir / "translation_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    source = DomainSampler(source_images, cfg.image_size, rng, source_labels, cfg.oversample_foreground)
-    target = DomainSampler(target_images, cfg.image_size, rng)
+    source = DomainSampler(source_images, cfg.image_size, rng, source_labels, cfg.oversample_foreground,
+                           slab=cfg.slab_slices)
+    target = DomainSampler(target_images, cfg.image_size, rng, slab=cfg.slab_slices)
     log_path = out_dir / "log.csv"
     new_log = start == 0 or not log_path.exists()
     columns = ["iteration", "lr", "seconds", *model.loss_names]

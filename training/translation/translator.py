@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from safetensors.torch import load_file, save_file
 
-from VSCochleaSegLib.inference import cpu_has_fast_bf16, resolve_device
+from VSCochleaSegLib.inference import cpu_has_fast_bf16, neighbour_slices, resolve_device
 from VSCochleaSegLib.model_folder import NetworkSpec
 from VSCochleaSegLib.networks import build_network, inference_state_dict, load_inference_state_dict
 
@@ -72,6 +72,11 @@ class Translator:
     def dims(self) -> int:
         return int(self.meta["dims"])
 
+    @property
+    def slab(self) -> int:
+        """Axial slices a 2.5D (slab) translator reads and writes at once; 1 for plain 2D and 3D."""
+        return int(self.meta["generator"].get("in_channels", 1))
+
     # ------------------------------------------------------------------ networks
 
     def _generator(self, snapshot: int) -> UNetGenerator:
@@ -105,8 +110,9 @@ class Translator:
     # ------------------------------------------------------------------ inference
 
     def _run(self, fn, volume01: np.ndarray, multiple=1) -> np.ndarray:
-        """Apply ``fn`` ((B, 1, *spatial) → (B, C, *spatial)) to a [0, 1] volume: slice by slice in 2D,
-        by sliding windows of the training patch size in 3D. Returns (C, z, y, x) float32."""
+        """Apply ``fn`` ((B, slab, *spatial) → (B, C, *spatial)) to a [0, 1] volume: slice by slice in 2D (each
+        slice with its :func:`neighbour_slices` for a slab translator), by sliding windows of the training patch
+        size in 3D. Returns (C, z, y, x) float32."""
         x = torch.from_numpy(np.ascontiguousarray(volume01, dtype=np.float32))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             if self.dims == 3:
@@ -117,9 +123,10 @@ class Translator:
             multiple = (multiple,) * 2 if isinstance(multiple, int) else tuple(multiple)
             h, w = x.shape[1:]
             pad = [(-s) % m for s, m in zip((h, w), multiple)]
+            slabs = torch.from_numpy(neighbour_slices(np.arange(x.shape[0]), self.slab, x.shape[0]))
             outs = []
             for start in range(0, x.shape[0], self.batch_slices):
-                batch = x[start:start + self.batch_slices, None].to(self.device)
+                batch = x[slabs[start:start + self.batch_slices]].to(self.device)  # (B, slab, y, x)
                 if any(pad):
                     batch = F.pad(batch, (0, pad[1], 0, pad[0]), mode="replicate")
                 outs.append(fn(batch)[..., :h, :w].float().cpu())
@@ -136,7 +143,8 @@ class Translator:
         volume = np.asarray(volume_zyx)
         if volume.ndim != 3:
             raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
-        out01 = self._run(self._generator(snapshot), minmax(volume))[0]
+        generator, centre = self._generator(snapshot), self.slab // 2  # a slab translator keeps its centre slice
+        out01 = self._run(lambda t: generator(t)[:, centre:centre + 1], minmax(volume))[0]
         lo, hi = self.meta["target_range"]
         return (np.clip(out01, 0.0, 1.0) * (hi - lo) + lo).astype(np.float32)
 
