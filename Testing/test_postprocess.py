@@ -92,3 +92,19 @@ def test_a_vs_far_from_the_cochlea_in_3d_is_dropped_before_the_largest_is_chosen
     near = np.zeros_like(lab)
     near[15:25, 30:35, 45:55] = 1  # nearest voxel (54, 30, 20) → √(36 + 100) ≈ 11.7 mm
     assert postprocess_labels(near, reference(), ears(), spec).sum() == near.sum()
+
+
+def test_vs_opening_cuts_a_thin_leak_away_and_keeps_the_tumour_and_the_cochlea():
+    """A 10 mm tumour cube (left ear), joined by a 1-voxel neck to a 2 mm thick sheet of leaked "VS" larger than
+    itself (as a prediction spreading along the cerebellar surface); 1 mm voxels."""
+    lab = np.zeros((40, 40, 80), np.uint8)
+    lab[15:25, 15:25, 45:55] = 1  # tumour, 1000 mm³
+    lab[20, 20, 55:60] = 1  # neck
+    lab[5:35, 5:35, 60:62] = 1  # sheet, 1800 mm³
+    lab[2:5, 2:5, 70:73] = 2  # cochlea: 3 voxels wide, thinner than the ball
+    plain = postprocess_labels(lab, reference(), ears(), SPEC)
+    assert (plain == 1).sum() == (lab == 1).sum()  # without the opening, one component: all of it is "VS"
+    opened = postprocess_labels(lab, reference(), ears(), PostprocessSpec(True, True, 20.0, 0.0, vs_open_mm=1.5))
+    assert (opened[15:25, 15:25, 45:55] == 1).sum() >= 900  # the tumour stays (a 1.5 mm ball rounds its edges)
+    assert (opened[:, :, 55:] == 1).sum() == 0  # neck and sheet are background
+    assert (opened == 2).sum() == (lab == 2).sum()  # the cochlea is not opened

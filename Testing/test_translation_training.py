@@ -64,10 +64,12 @@ def read_log(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     """One finished tiny run per model (module-scoped: each is trained once)."""
+    # The 3D run is pinned to fp32: once in ~50 fresh-clone runs its 4-filter bf16 3D convolutions on a 16×32×32
+    # volume gave a NaN discriminator loss at iteration 2 (session 15); the 2D runs keep the bf16 (auto) path.
     cet1, labels, hrt2 = data
     runs = {}
     for key, model, dims, extra in [("cyclegan_seg", "cyclegan_seg", 2, {}), ("cut", "cut", 2, {}),
-                                    ("cutseg", "cutseg", 2, {}), ("cyclegan_seg_3d", "cyclegan_seg", 3, {}),
+                                    ("cutseg", "cutseg", 2, {}), ("cyclegan_seg_3d", "cyclegan_seg", 3, {"precision": "fp32"}),
                                     ("cyclegan_seg_slab", "cyclegan_seg", 2, {"slab_slices": 3})]:
         out = tmp_path_factory.mktemp(key)
         runs[key] = (out, train_translation(cet1, labels, hrt2, tiny_config(model, dims, **extra), out, progress=False))

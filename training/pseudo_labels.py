@@ -45,6 +45,7 @@ from tqdm import tqdm
 from VSCochleaSegLib.fusion import FUSERS
 from VSCochleaSegLib.inference import InferenceSettings, predict_softmax
 from VSCochleaSegLib.labels import COCHLEA, VS
+from VSCochleaSegLib.postprocess import ball
 
 from .segmentation import IGNORE
 
@@ -156,14 +157,6 @@ def _nearest_per_component(mask: np.ndarray, distance: np.ndarray) -> tuple[np.n
     if n:
         nearest[1:] = ndimage.minimum(distance, comps, np.arange(1, n + 1))
     return comps, nearest
-
-
-def ball(radius_mm: float, spacing_zyx_mm) -> np.ndarray:
-    """Structuring element (bool (z, y, x)): voxel offsets within ``radius_mm`` of the centre on this grid."""
-    sp = np.asarray(spacing_zyx_mm, float)
-    n = np.floor(radius_mm / sp).astype(int)
-    grid = np.mgrid[tuple(slice(-k, k + 1) for k in n)] * sp[:, None, None, None]
-    return (grid**2).sum(0) <= radius_mm**2 + 1e-9
 
 
 def open_vs(vs: np.ndarray, radius_mm: float, spacing_zyx_mm) -> np.ndarray:

@@ -447,6 +447,10 @@ class PostprocessSpec(_Spec):
     # component none of whose voxels comes within this distance (3D, mm) of its side's cochlea centre is not one.
     # 0 = no check (optional key; older model folders do not have it).
     vs_max_distance_from_cochlea_mm: float = 0.0
+    # The predicted VS is grey like the cerebellum and brainstem it abuts and can leak into them through a thin
+    # neck: the VS mask is first opened with a ball of this radius (mm), so necks thinner than the ball and what
+    # hangs on them become background before the components are judged. 0 = off (optional key).
+    vs_open_mm: float = 0.0
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = MODEL_JSON, field: str = "postprocess") -> PostprocessSpec:
@@ -457,7 +461,8 @@ class PostprocessSpec(_Spec):
                    vs_max_z_distance_from_cochlea_mm=obj.number("vs_max_z_distance_from_cochlea_mm", minimum=0.0),
                    min_vs_volume_mm3=obj.number("min_vs_volume_mm3", minimum=0.0),
                    vs_max_distance_from_cochlea_mm=obj.number("vs_max_distance_from_cochlea_mm", default=0.0,
-                                                              minimum=0.0))
+                                                              minimum=0.0),
+                   vs_open_mm=obj.number("vs_open_mm", default=0.0, minimum=0.0))
 
 
 @dataclass(frozen=True)

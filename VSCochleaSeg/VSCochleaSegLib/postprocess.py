@@ -5,8 +5,9 @@ VS component, and drop VS components whose centre lies farther than a set distan
 superior-inferior axis) from that side's cochlea — the seed rule was 15 slices. Optionally (anatomy: a VS
 fills part of the internal auditory canal, which ends at the cochlea) VS components none of whose voxels comes
 within a set 3D distance of that side's cochlea centre are dropped *before* the largest is chosen, so a large
-false "VS" in the cerebellum cannot displace a smaller true one. Thresholds come from the model folder's
-``postprocess`` section.
+false "VS" in the cerebellum cannot displace a smaller true one. Optionally, first of all, the VS mask is opened
+with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Thresholds come from
+the model folder's ``postprocess`` section.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import cc3d
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .labels import COCHLEA, VS
 from .measure import index_to_lps, lateral_offset_mm
@@ -24,6 +26,11 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
     """Cleaned copy of ``labels_zyx`` (z, y, x) uint8; ``reference`` gives the geometry, ``ears`` the
     cochlea centres and midline (``localise.EarLocations``)."""
     out = labels_zyx.copy()
+    if spec.vs_open_mm > 0:
+        vs = out == VS
+        cut = vs & ~ndimage.binary_opening(vs, structure=ball(spec.vs_open_mm, reference.GetSpacing()[::-1]))
+        out[cut] = 0
+        labels_zyx = out.copy()
     voxel_mm3 = float(np.prod(reference.GetSpacing()))
     for label, keep_largest in ((VS, spec.keep_largest_vs_per_side), (COCHLEA, spec.keep_largest_cochlea_per_side)):
         mask = labels_zyx == label
@@ -57,6 +64,15 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
         if len(drop):
             out[np.isin(comps, drop) & mask] = 0
     return out
+
+
+def ball(radius_mm: float, spacing_zyx_mm) -> np.ndarray:
+    """Structuring element (bool (z, y, x)): the voxel offsets within ``radius_mm`` (mm) of the centre on a grid
+    of this spacing (mm, z y x order); a single voxel when the radius is below every spacing."""
+    sp = np.asarray(spacing_zyx_mm, float)
+    n = np.floor(radius_mm / sp).astype(int)
+    grid = np.mgrid[tuple(slice(-k, k + 1) for k in n)] * sp[:, None, None, None]
+    return (grid**2).sum(0) <= radius_mm**2 + 1e-9
 
 
 def nearest_distance_mm(comps: np.ndarray, ids: np.ndarray, sides: np.ndarray, reference: sitk.Image, ears) -> np.ndarray:
