@@ -69,7 +69,8 @@ def trained(data, tmp_path_factory):
     cet1, labels, hrt2 = data
     runs = {}
     for key, model, dims, extra in [("cyclegan_seg", "cyclegan_seg", 2, {}), ("cut", "cut", 2, {}),
-                                    ("cutseg", "cutseg", 2, {}), ("cyclegan_seg_3d", "cyclegan_seg", 3, {"precision": "fp32"}),
+                                    ("cutseg", "cutseg", 2, {}),
+                                    ("cyclegan_seg_3d", "cyclegan_seg", 3, {"precision": "fp32"}),
                                     ("cyclegan_seg_slab", "cyclegan_seg", 2, {"slab_slices": 3})]:
         out = tmp_path_factory.mktemp(key)
         runs[key] = (out, train_translation(cet1, labels, hrt2, tiny_config(model, dims, **extra), out, progress=False))
@@ -239,8 +240,8 @@ def test_slab_translator_reads_the_neighbouring_slices_and_a_plain_one_does_not(
     assert trained["cyclegan_seg_slab"][1].slab == 3 and trained["cyclegan_seg"][1].slab == 1
 
 
-@pytest.mark.parametrize("bad", [dict(slab_slices=2), dict(slab_slices=0), dict(slab_slices=3, dims=3, image_size=SHAPE),
-                                 dict(slab_slices=3, model="cutseg")])
+@pytest.mark.parametrize("bad", [dict(slab_slices=2), dict(slab_slices=0),
+                                 dict(slab_slices=3, dims=3, image_size=SHAPE), dict(slab_slices=3, model="cutseg")])
 def test_slab_settings_that_cannot_work_are_refused(bad):
     with pytest.raises(ValueError, match="slab_slices"):
         TranslationConfig(**{"model": "cyclegan_seg", "image_size": (32, 32), **bad})

@@ -234,9 +234,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         if image is None:
             raise ValueError("vs_grow_mm needs the crop image")
         labels[grow_vs(labels, np.asarray(image, np.float32), cfg, hard_negative)] = VS
-    if cfg.vs_open_mm > 0 and (labels == VS).any():
+    if cfg.vs_open_mm > 0:
         vs = labels == VS
-        kept = open_vs(vs, cfg.vs_open_mm, cfg.spacing_zyx_mm)
+        kept = open_vs(vs, cfg.vs_open_mm, cfg.spacing_zyx_mm) if vs.any() else vs
         if kept.any():  # a VS thinner than the ball everywhere is left as it is
             labels[vs & ~kept] = IGNORE
     if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():

@@ -28,12 +28,10 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
     out = labels_zyx.copy()
     if spec.vs_open_mm > 0:
         vs = out == VS
-        cut = vs & ~ndimage.binary_opening(vs, structure=ball(spec.vs_open_mm, reference.GetSpacing()[::-1]))
-        out[cut] = 0
-        labels_zyx = out.copy()
+        out[vs & ~ndimage.binary_opening(vs, structure=ball(spec.vs_open_mm, reference.GetSpacing()[::-1]))] = 0
     voxel_mm3 = float(np.prod(reference.GetSpacing()))
     for label, keep_largest in ((VS, spec.keep_largest_vs_per_side), (COCHLEA, spec.keep_largest_cochlea_per_side)):
-        mask = labels_zyx == label
+        mask = out == label  # each pass removes only voxels of its own label
         if not mask.any():
             continue
         comps = cc3d.connected_components(mask, connectivity=26)

@@ -38,8 +38,8 @@ N_CLASSES = 3  # background, VS, cochlea
 def generator_kwargs(cfg: TranslationConfig, seg_classes: int = 0) -> dict:
     """Everything needed to rebuild the generator (stored with exported translators); a slab translator
     reads and writes ``cfg.slab_slices`` channels."""
-    return {"dims": cfg.dims, "in_channels": cfg.slab_slices, "out_channels": cfg.slab_slices, "base_filters": cfg.base_filters,
-            "levels": cfg.levels, "strides": [list(s) for s in plan_strides(cfg.image_size, cfg.levels)],
+    return {"dims": cfg.dims, "in_channels": cfg.slab_slices, "out_channels": cfg.slab_slices,
+            "base_filters": cfg.base_filters, "levels": cfg.levels, "strides": [list(s) for s in plan_strides(cfg.image_size, cfg.levels)],
             "seg_classes": seg_classes}
 
 
