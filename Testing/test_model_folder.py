@@ -250,6 +250,9 @@ _SEG_NET = "segmentation.members.0.network"
     (_set("localiser.wieghts", "x"), "field 'localiser.wieghts' is not part of the format"),
     (_set("normalisation.upper_percentile", 0.1), "lower < upper <= 100"),
     (_set("provenance", []), "field 'provenance' must be a JSON object"),
+    (_set("postprocess.vs_grow_quantiles", [0.9, 0.1]), "field 'postprocess.vs_grow_quantiles' must be two quantiles"),
+    (_set("postprocess.vs_grow_quantiles", [0.1]), "field 'postprocess.vs_grow_quantiles' must have 2 entries"),
+    (_set("postprocess.vs_grow_mm", -1.0), "field 'postprocess.vs_grow_mm'"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_invalid_field_is_refused_naming_the_field(mutate, expected):
     data = copy.deepcopy(valid_json_dict())

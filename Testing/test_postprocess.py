@@ -108,3 +108,39 @@ def test_vs_opening_cuts_a_thin_leak_away_and_keeps_the_tumour_and_the_cochlea()
     assert (opened[15:25, 15:25, 45:55] == 1).sum() >= 900  # the tumour stays (a 1.5 mm ball rounds its edges)
     assert (opened[:, :, 55:] == 1).sum() == 0  # neck and sheet are background
     assert (opened == 2).sum() == (lab == 2).sum()  # the cochlea is not opened
+
+
+def test_vs_growing_fills_the_tumour_border_of_its_own_intensity_and_stops_at_other_tissue_and_distance():
+    """A grey 12 mm tumour (intensity 100) in bright CSF (300) beside grey brain (100) 5 mm away, of which the
+    prediction holds only the central 8 mm; 1 mm voxels."""
+    img = np.full((40, 40, 80), 300.0, np.float32)
+    img[14:26, 14:26, 44:56] = 100.0  # tumour
+    img[:, :, 0:12] = 100.0  # brain of the same grey, far from the tumour
+    img[14:26, 14:26, 61:80] = 100.0  # cerebellum of the same grey, behind a 5 mm CSF gap
+    img += np.random.default_rng(0).normal(0, 5, img.shape).astype(np.float32)
+    ref = sitk.GetImageFromArray(img)
+    lab = np.zeros((40, 40, 80), np.uint8)
+    lab[16:24, 16:24, 46:54] = 1  # the prediction: the tumour's core
+    lab[14:16, 20:22, 46:48] = 2  # a (mislabelled) cochlea inside the tumour border is never overwritten
+    spec = PostprocessSpec(True, True, 20.0, 0.0, vs_grow_mm=3.0)
+    out = postprocess_labels(lab, ref, ears(), spec)
+    tumour = np.zeros_like(lab, bool)
+    tumour[14:26, 14:26, 44:56] = True
+    border = tumour.sum() - (lab == 1).sum() - 8
+    assert ((out == 1) & tumour).sum() - (lab == 1).sum() >= 0.7 * border  # most of the border (noise: 0.1–0.9 band)
+    assert ((out == 1) & ~tumour).sum() == 0  # not into CSF, nor across it into the cerebellum
+    assert (out == 2).sum() == 8
+    off = postprocess_labels(lab, ref, ears(), PostprocessSpec(True, True, 20.0, 0.0))
+    assert (off == 1).sum() == (lab == 1).sum()
+
+
+def test_vs_growing_is_limited_to_its_distance():
+    img = np.full((40, 40, 80), 100.0, np.float32)  # all one grey: only the distance stops the growth
+    img += np.random.default_rng(1).normal(0, 1, img.shape).astype(np.float32)
+    lab = np.zeros((40, 40, 80), np.uint8)
+    lab[18:22, 18:22, 48:52] = 1
+    out = postprocess_labels(lab, sitk.GetImageFromArray(img), ears(), PostprocessSpec(True, True, 20.0, 0.0,
+                                                                                         vs_grow_mm=2.0))
+    zz, yy, xx = np.nonzero(out == 1)
+    assert (out == 1).sum() > (lab == 1).sum()
+    assert zz.min() >= 16 and zz.max() <= 23 and xx.min() >= 46 and xx.max() <= 53

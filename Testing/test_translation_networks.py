@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
@@ -95,3 +96,20 @@ def test_patch_sampler_reuses_positions_and_returns_unit_vectors():
 def test_patch_sampler_takes_every_position_of_a_small_layer():
     out, ids = PatchSampleMLP([3], dim=4)([torch.rand(1, 3, 2, 3)], 256, generator=torch.Generator().manual_seed(0))
     assert out[0].shape == (1, 6, 4) and sorted(ids[0].tolist()) == list(range(6))
+
+
+def test_scale_gradient_keeps_values_and_scales_only_the_gradient():
+    from training.translation.models import scale_gradient
+
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = scale_gradient(x, 0.05)
+    assert torch.equal(y, x.detach())
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(x.grad, 0.05 * torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_seg_grad_scale_outside_zero_one_is_refused():
+    from training.translation.config import TranslationConfig
+
+    with pytest.raises(ValueError, match="seg_grad_scale"):
+        TranslationConfig(seg_grad_scale=1.5)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from VSCochleaSegLib.fusion import FUSERS
 from VSCochleaSegLib.inference import InferenceSettings, predict_softmax
 from VSCochleaSegLib.labels import COCHLEA, VS
-from VSCochleaSegLib.postprocess import ball
+from VSCochleaSegLib.postprocess import ball, grow_into_own_intensity
 
 from .segmentation import IGNORE
 
@@ -169,12 +169,8 @@ def grow_vs(labels: np.ndarray, image: np.ndarray, cfg: PseudoLabelConfig, prote
     """Voxels (bool (z, y, x)) to add to the pseudo-VS of ``labels``: within ``cfg.vs_grow_mm`` of it, with an
     intensity of ``image`` (same grid, normalised) inside the ``cfg.vs_grow_quantiles`` of the VS's intensities,
     reachable from it through such voxels (6-connectivity); never COCHLEA or ``protected`` voxels."""
-    vs = labels == VS
-    lo, hi = np.quantile(image[vs], cfg.vs_grow_quantiles)
-    candidate = ((image >= lo) & (image <= hi) & (labels != COCHLEA) & ~protected
-                 & (_distance_mm(vs, cfg.spacing_zyx_mm) <= cfg.vs_grow_mm))
-    grown = ndimage.binary_propagation(vs, structure=ndimage.generate_binary_structure(3, 1), mask=candidate | vs)
-    return grown & ~vs
+    return grow_into_own_intensity(labels == VS, image, cfg.vs_grow_mm, cfg.vs_grow_quantiles, cfg.spacing_zyx_mm,
+                                   allowed=(labels != COCHLEA) & ~protected)
 
 
 def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = False,

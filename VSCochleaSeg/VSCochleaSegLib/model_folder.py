@@ -451,6 +451,10 @@ class PostprocessSpec(_Spec):
     # neck: the VS mask is first opened with a ball of this radius (mm), so necks thinner than the ball and what
     # hangs on them become background before the components are judged. 0 = off (optional key).
     vs_open_mm: float = 0.0
+    # Members trained on translated images under-segment: the kept VS is grown by at most this distance (mm) into
+    # connected voxels whose intensity lies within the vs_grow_quantiles of its own. 0 = off (optional keys).
+    vs_grow_mm: float = 0.0
+    vs_grow_quantiles: Tuple[float, float] = (0.1, 0.9)
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = MODEL_JSON, field: str = "postprocess") -> PostprocessSpec:
@@ -462,7 +466,19 @@ class PostprocessSpec(_Spec):
                    min_vs_volume_mm3=obj.number("min_vs_volume_mm3", minimum=0.0),
                    vs_max_distance_from_cochlea_mm=obj.number("vs_max_distance_from_cochlea_mm", default=0.0,
                                                               minimum=0.0),
-                   vs_open_mm=obj.number("vs_open_mm", default=0.0, minimum=0.0))
+                   vs_open_mm=obj.number("vs_open_mm", default=0.0, minimum=0.0),
+                   vs_grow_mm=obj.number("vs_grow_mm", default=0.0, minimum=0.0),
+                   vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", (0.1, 0.9)))
+
+
+def _quantile_pair(obj: _JsonObject, key: str, default: Tuple[float, float]) -> Tuple[float, float]:
+    """An optional [lo, hi] pair of quantiles with 0 ≤ lo < hi ≤ 1."""
+    if key not in obj.data:
+        return default
+    lo, hi = obj.numbers(key, length=2, minimum=0.0)
+    if not lo < hi <= 1.0:
+        raise obj.error(key, f"must be two quantiles [lo, hi] with 0 ≤ lo < hi ≤ 1, got [{lo}, {hi}].")
+    return (lo, hi)
 
 
 @dataclass(frozen=True)

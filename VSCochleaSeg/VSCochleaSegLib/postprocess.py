@@ -6,8 +6,10 @@ superior-inferior axis) from that side's cochlea — the seed rule was 15 slices
 fills part of the internal auditory canal, which ends at the cochlea) VS components none of whose voxels comes
 within a set 3D distance of that side's cochlea centre are dropped *before* the largest is chosen, so a large
 false "VS" in the cerebellum cannot displace a smaller true one. Optionally, first of all, the VS mask is opened
-with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Thresholds come from
-the model folder's ``postprocess`` section.
+with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Optionally, last of
+all, each kept VS is grown by at most a set distance (mm) into connected voxels of its own intensity (members
+trained on translated images draw the tumour's border too far inside it). Thresholds come from the model
+folder's ``postprocess`` section.
 """
 
 from __future__ import annotations
@@ -61,7 +63,36 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
         drop = ids[~keep]
         if len(drop):
             out[np.isin(comps, drop) & mask] = 0
+    if spec.vs_grow_mm > 0 and (out == VS).any():
+        image = sitk.GetArrayViewFromImage(reference)
+        if image.ndim != 3:
+            raise ValueError("vs_grow_mm needs a single-channel 3D image")
+        grown = grow_into_own_intensity(out == VS, image, spec.vs_grow_mm, spec.vs_grow_quantiles,
+                                        reference.GetSpacing()[::-1], allowed=out == 0)
+        out[grown] = VS
     return out
+
+
+def grow_into_own_intensity(mask: np.ndarray, image: np.ndarray, max_mm: float, quantiles, spacing_zyx_mm,
+                            allowed: np.ndarray) -> np.ndarray:
+    """Voxels (bool (z, y, x)) to add to ``mask`` (bool, same grid as ``image``): within ``max_mm`` (mm, Euclidean)
+    of it, with an ``image`` intensity inside the ``quantiles`` (lo, hi) of the mask's own intensities, ``allowed``,
+    and reachable from the mask through such voxels (6-connectivity). Empty when ``mask`` is."""
+    added = np.zeros(mask.shape, bool)
+    if not mask.any():
+        return added
+    lo, hi = np.quantile(image[mask], quantiles)
+    # Work in the mask's bounding box widened by the distance (the rest cannot be reached): on a whole
+    # 512 × 512 × 100 scan the distance transform alone would take seconds.
+    pad = np.ceil(max_mm / np.asarray(spacing_zyx_mm, float)).astype(int) + 1
+    idx = np.nonzero(mask)
+    box = tuple(slice(max(int(i.min()) - p, 0), int(i.max()) + p + 1) for i, p in zip(idx, pad))
+    m, img = mask[box], image[box]
+    near = ndimage.distance_transform_edt(~m, sampling=spacing_zyx_mm) <= max_mm
+    candidate = (img >= lo) & (img <= hi) & allowed[box] & near
+    grown = ndimage.binary_propagation(m, structure=ndimage.generate_binary_structure(3, 1), mask=candidate | m)
+    added[box] = grown & ~m
+    return added
 
 
 def ball(radius_mm: float, spacing_zyx_mm) -> np.ndarray:

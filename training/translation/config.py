@@ -57,6 +57,10 @@ class TranslationConfig:
     weight_seg: float = 100.0
     seg_warmup_iterations: int = 500  # cyclegan_seg: fake-hrT2 segmentation loss off before this
     seg_grad_to_generator: bool = True  # segmentation losses on fake images also train the translator
+    # cyclegan_seg, with seg_grad_to_generator: the share of the fake-hrT2 segmentation gradient that reaches the
+    # ceT1→hrT2 generator (1 = the published coupling; e.g. 0.05 = a seg weight of 5 for the translator while the
+    # hrT2 head still learns at weight_seg)
+    seg_grad_scale: float = 1.0
     pool_size: int = 50  # CycleGAN's history of fakes shown to the discriminators
     # CUT / CutSeg
     weight_nce: float = 1.0
@@ -98,6 +102,9 @@ class TranslationConfig:
                              "module reads single slices); set slab_slices to 1")
         if self.kspace_cycle not in ("complex", "magnitude", "none"):
             raise ValueError(f"kspace_cycle must be complex, magnitude or none, not {self.kspace_cycle!r}")
+        if not 0.0 <= self.seg_grad_scale <= 1.0:
+            raise ValueError(f"seg_grad_scale must lie in [0, 1] (a share of the segmentation gradient), "
+                             f"not {self.seg_grad_scale}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
         if any(i < 0 or i > self.levels + 1 for i in self.nce_layers):

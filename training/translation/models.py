@@ -90,6 +90,11 @@ class ImagePool:
         self.images = [i.to(device) for i in images]
 
 
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged in the forward pass; the gradient flowing back through it is multiplied by ``scale``."""
+    return x.detach() + scale * (x - x.detach())
+
+
 def _set_requires_grad(nets, flag: bool) -> None:
     for net in nets:
         for p in net.parameters():
@@ -174,8 +179,12 @@ class CycleGANSeg(TranslationModel):
         self.rec_A = self.G_B.decode_image(features_fake_B)
         self.seg_fake_B = None
         if iteration >= cfg.seg_warmup_iterations:
-            self.seg_fake_B = (self.G_B.decode_segmentation(features_fake_B) if cfg.seg_grad_to_generator
-                               else self.G_B.segment(self.fake_B.detach()))
+            if not cfg.seg_grad_to_generator:
+                self.seg_fake_B = self.G_B.segment(self.fake_B.detach())
+            elif cfg.seg_grad_scale == 1.0:
+                self.seg_fake_B = self.G_B.decode_segmentation(features_fake_B)
+            else:  # same values; the gradient into G_A is scaled by seg_grad_scale
+                self.seg_fake_B = self.G_B.segment(scale_gradient(self.fake_B, cfg.seg_grad_scale))
         self.fake_A = self.G_B(self.real_B)
         self.rec_B = self.G_A(self.fake_A)
 
