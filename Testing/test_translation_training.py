@@ -251,3 +251,31 @@ def test_default_config_has_method_a_loss_weights():
     cfg = TranslationConfig()
     assert (cfg.weight_adv, cfg.weight_cycle, cfg.weight_identity, cfg.weight_seg) == (1.0, 10.0, 5.0, 100.0)
     assert cfg.lr == 1e-4 and cfg.betas == (0.5, 0.999) and cfg.levels == 3 and cfg.nce_temperature == 0.07
+
+
+def test_seg_grad_scale_scales_the_fake_segmentation_gradient_into_the_ceT1_to_hrT2_generator():
+    """Same weights, same batch: the fake-hrT2 segmentation loss sends ``seg_grad_scale`` times the published
+    coupling's gradient into G_A, and none when detached (``seg_grad_to_generator`` false)."""
+    from training.translation.losses import segmentation_loss
+    from training.translation.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    real_a, real_b = torch.rand(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    labels = (torch.rand(2, 1, 32, 32, generator=g) > 0.7).long()
+
+    def grads_into_g_a(**overrides):
+        torch.manual_seed(1)
+        model = build_model(tiny_config("cyclegan_seg", precision="fp32", **overrides), torch.device("cpu"),
+                            torch.Generator().manual_seed(2))
+        model.set_input(real_a, labels, real_b)
+        model.forward(iteration=5)
+        segmentation_loss(model.seg_fake_B, model.labels_A).backward()
+        return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                          for p in model.G_A.parameters()])
+
+    full = grads_into_g_a(seg_grad_to_generator=True)
+    quarter = grads_into_g_a(seg_grad_to_generator=True, seg_grad_scale=0.25)
+    detached = grads_into_g_a(seg_grad_to_generator=False)
+    assert full.abs().sum() > 0
+    assert torch.allclose(quarter, 0.25 * full, rtol=1e-4, atol=1e-7)
+    assert detached.abs().sum() == 0
