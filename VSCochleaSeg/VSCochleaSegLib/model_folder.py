@@ -468,7 +468,7 @@ class PostprocessSpec(_Spec):
                                                               minimum=0.0),
                    vs_open_mm=obj.number("vs_open_mm", default=0.0, minimum=0.0),
                    vs_grow_mm=obj.number("vs_grow_mm", default=0.0, minimum=0.0),
-                   vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", (0.1, 0.9)))
+                   vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", cls.vs_grow_quantiles))
 
 
 def _quantile_pair(obj: _JsonObject, key: str, default: Tuple[float, float]) -> Tuple[float, float]:

@@ -63,13 +63,9 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
         drop = ids[~keep]
         if len(drop):
             out[np.isin(comps, drop) & mask] = 0
-    if spec.vs_grow_mm > 0 and (out == VS).any():
-        image = sitk.GetArrayViewFromImage(reference)
-        if image.ndim != 3:
-            raise ValueError("vs_grow_mm needs a single-channel 3D image")
-        grown = grow_into_own_intensity(out == VS, image, spec.vs_grow_mm, spec.vs_grow_quantiles,
-                                        reference.GetSpacing()[::-1], allowed=out == 0)
-        out[grown] = VS
+    if spec.vs_grow_mm > 0:  # an empty VS grows nothing
+        out[grow_into_own_intensity(out == VS, sitk.GetArrayViewFromImage(reference), spec.vs_grow_mm,
+                                    spec.vs_grow_quantiles, reference.GetSpacing()[::-1], allowed=out == 0)] = VS
     return out
 
 
