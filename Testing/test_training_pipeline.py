@@ -1092,3 +1092,34 @@ def test_pseudo_label_quality_counts_tumour_taught_as_background_and_kinds_of_cr
     assert summary["kinds"] == {"found": 1, "missed": 1, "false": 0, "free": 1}
     assert summary["true_vs_share_background"] == round(48 / 64, 3) and summary["true_vs_share_ignored"] == 0.125
     assert free["vs_dice"] is None and missed["kind"] == "missed"
+
+
+def test_self_training_can_draw_source_tumours_into_the_tumour_free_real_ears(method_a_run, uda_data, tmp_path,
+                                                                                monkeypatch):
+    from training import pipeline, synthetic_tumours
+    from VSCochleaSegLib.labels import VS
+
+    out, _, _ = method_a_run
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops", "translate_crops", "segment",
+                  "pseudo_labels"):
+        os.symlink(out / stage, tmp_path / stage)
+    cfg = tiny_config()
+    cfg["self_training"] = {"mode": "pseudo_labels", "warm_start": True, "train": {"iterations": 1},
+                            "synthetic_tumours": {"copies_per_free_crop": 2, "min_vs_voxels": 1,
+                                                  "max_distance_to_cochlea_mm": 100.0}}
+    run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
+    host = pipeline._target_crops(run)[0][1]
+    free = (host, np.zeros(host.shape, np.uint8))  # a real hrT2 ear the pseudo-labels call tumour-free
+    monkeypatch.setattr(pipeline, "_pseudo_arrays", lambda folder: [free])
+    drawn, trained = [], []
+    real_draw = synthetic_tumours.synthetic_tumour_crops
+    monkeypatch.setattr(pipeline, "synthetic_tumour_crops",
+                        lambda *a, **k: drawn.extend(real_draw(*a, **k)) or list(drawn))
+    real_train = pipeline.train_network
+    monkeypatch.setattr(pipeline, "train_network",
+                        lambda arrays, *a, **k: trained.append(arrays) or real_train(arrays, *a, **k))
+    run.stage("self_train", lambda d: pipeline.stage_self_train(run, d))
+    assert len(drawn) == 2 and all((lab == VS).any() for _, lab in drawn)
+    for arrays in trained:  # every member sees the host and both drawn copies
+        ids = {id(img) for img, _ in arrays}
+        assert id(free[0]) in ids and all(id(img) in ids for img, _ in drawn)

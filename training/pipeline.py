@@ -64,6 +64,7 @@ from .cases import list_cases
 from .mean_teacher import MeanTeacherConfig, train_mean_teacher
 from .pseudo_labels import EnsembleMember, PseudoLabelConfig, pseudo_label_crops
 from .segmentation import TrainConfig, dice_per_class, train_network
+from .synthetic_tumours import SyntheticTumourConfig, synthetic_tumour_crops, tumour_shapes
 from .train_supervised import _UNSET_SHA256, _localiser_spec, _prepare_one
 from .translation.augment import add_csf_rim, augment_tumour_intensity
 
@@ -641,6 +642,14 @@ def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, s
     (repeated so they make ``pseudo_fraction`` of the draws); with ``warm_start`` fine-tuned from its weights in
     ``init_dir``. Returns the ``_train_members`` record."""
     share = float(st.get("pseudo_fraction", 0.5))
+    synth = SyntheticTumourConfig(**{"seed": run.cfg.get("seed", 0), **st.get("synthetic_tumours", {})})
+    if synth.copies_per_free_crop > 0:
+        # Tumours of the ceT1 labels drawn into the real hrT2 ears the pseudo-labels call tumour-free
+        # (training/synthetic_tumours.py); they join the pseudo-labelled crops' share of the draws.
+        spacing_zyx = [float(v) for v in run.cfg["segmentation_spacing_xyz_mm"][::-1]]
+        shapes = tumour_shapes([lab for _, a in _source_cases(run) for _, lab in a["crops"]], synth.min_vs_voxels,
+                               spacing_zyx, synth.max_distance_to_cochlea_mm)
+        pseudo = list(pseudo) + synthetic_tumour_crops(pseudo, shapes, synth)
 
     def mix(labelled):
         if not pseudo or share <= 0:
