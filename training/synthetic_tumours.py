@@ -74,37 +74,57 @@ def noise_level(image: np.ndarray, tissue: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(residual - np.median(residual))))
 
 
+@dataclass
+class HostCrop:
+    """What drawing needs from a tumour-free host crop, independent of the tumour drawn: computed once per host."""
+    image: np.ndarray      # float32 (z, y, x), engine-normalised
+    labels: np.ndarray     # its pseudo-label
+    soft: np.ndarray       # bool: soft tissue and fluid (above ``tissue_threshold``)
+    allowed: np.ndarray    # bool: where a tumour may be drawn (soft, clear of the cochlea, optionally near fluid)
+    csf: float             # the host's CSF level (``csf_percentile`` of its soft tissue)
+
+    @classmethod
+    def of(cls, image_zyx: np.ndarray, labels_zyx: np.ndarray, cfg: SyntheticTumourConfig) -> HostCrop:
+        image = np.asarray(image_zyx, dtype=np.float32)
+        labels = np.asarray(labels_zyx)
+        if labels.shape != image.shape:
+            raise ValueError(f"image {image.shape} and labels {labels.shape} differ in shape")
+        if (labels == VS).any():
+            raise ValueError("the host crop already holds a VS label; draw tumours only into tumour-free crops")
+        soft = image > cfg.tissue_threshold
+        cochlea = labels == COCHLEA
+        if cfg.cochlea_clearance_voxels > 0 and cochlea.any():
+            cochlea = binary_dilation(cochlea, iterations=cfg.cochlea_clearance_voxels)
+        allowed = soft & ~cochlea
+        csf = float(np.percentile(image[soft], cfg.csf_percentile)) if soft.any() else 1.0
+        if cfg.fluid_margin_voxels >= 0:
+            # A schwannoma grows in the cistern and canal and pushes the brain away: draw it only where it
+            # displaces fluid (and up to the margin beyond), never as an invisible patch over brain tissue.
+            fluid = image > cfg.fluid_fraction_of_csf * csf
+            if cfg.fluid_margin_voxels > 0:
+                fluid = binary_dilation(fluid, iterations=cfg.fluid_margin_voxels)
+            allowed &= fluid
+        return cls(image, labels, soft, allowed, csf)
+
+
 def draw_tumour(image_zyx: np.ndarray, labels_zyx: np.ndarray, tumour_zyx: np.ndarray, rng: np.random.Generator,
-                cfg: SyntheticTumourConfig) -> tuple[np.ndarray, np.ndarray] | None:
+                cfg: SyntheticTumourConfig, host: HostCrop | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Draw the tumour shape ``tumour_zyx`` (bool, same shape) into a tumour-free host crop.
 
     Args:
         image_zyx: host real hrT2 crop (z, y, x), engine-normalised.
         labels_zyx: its pseudo-label (0 background, 2 cochlea, IGNORE elsewhere; no VS).
         tumour_zyx: a source VS mask in the same crop frame.
+        host: ``HostCrop.of(image_zyx, labels_zyx, cfg)`` when already made (several draws into one host).
 
     Returns ``(image, labels)`` new float32 / uint8 arrays with the drawn voxels labelled VS, or ``None`` when
     fewer than ``cfg.min_vs_voxels`` of the shape fall on the host's soft tissue away from its cochlea.
     """
-    image = np.asarray(image_zyx, dtype=np.float32)
-    labels = np.asarray(labels_zyx)
-    if labels.shape != image.shape or tumour_zyx.shape != image.shape:
-        raise ValueError(f"image {image.shape}, labels {labels.shape} and tumour {tumour_zyx.shape} differ in shape")
-    if (labels == VS).any():
-        raise ValueError("the host crop already holds a VS label; draw tumours only into tumour-free crops")
-    soft = image > cfg.tissue_threshold
-    cochlea = labels == COCHLEA
-    if cfg.cochlea_clearance_voxels > 0 and cochlea.any():
-        cochlea = binary_dilation(cochlea, iterations=cfg.cochlea_clearance_voxels)
-    mask = np.asarray(tumour_zyx, bool) & soft & ~cochlea
-    csf = float(np.percentile(image[soft], cfg.csf_percentile)) if soft.any() else 1.0
-    if cfg.fluid_margin_voxels >= 0:
-        # A schwannoma grows in the cistern and canal and pushes the brain away: draw it only where it
-        # displaces fluid (and up to the margin beyond), never as an invisible patch over brain tissue.
-        fluid = image > cfg.fluid_fraction_of_csf * csf
-        if cfg.fluid_margin_voxels > 0:
-            fluid = binary_dilation(fluid, iterations=cfg.fluid_margin_voxels)
-        mask &= fluid
+    host = host or HostCrop.of(image_zyx, labels_zyx, cfg)
+    image, labels, soft, csf = host.image, host.labels, host.soft, host.csf
+    if tumour_zyx.shape != image.shape:
+        raise ValueError(f"image {image.shape} and tumour {tumour_zyx.shape} differ in shape")
+    mask = np.asarray(tumour_zyx, bool) & host.allowed
     if mask.sum() < cfg.min_vs_voxels:
         return None
     comps = cc3d.connected_components(mask.astype(np.uint8), connectivity=6)
@@ -170,16 +190,16 @@ def synthetic_tumour_crops(pseudo: Sequence[tuple[np.ndarray, np.ndarray]], shap
     for image, labels in pseudo:
         if (labels == VS).any():
             continue
-        soft = np.asarray(image, np.float32) > cfg.tissue_threshold
+        host = HostCrop.of(image, labels, cfg)
         for _ in range(cfg.copies_per_free_crop):
             for _try in range(cfg.tries):
                 k = rng.integers(len(shapes)) if cfg.size_exponent == 0 else rng.choice(len(shapes), p=weights)
                 shape = shapes[int(k)]
                 if shift_range.any():
                     shape = shifted(shape, rng.integers(-shift_range, shift_range + 1))
-                if cfg.min_fit_fraction > 0 and (shape & soft).sum() < cfg.min_fit_fraction * max(shape.sum(), 1):
+                if cfg.min_fit_fraction > 0 and (shape & host.soft).sum() < cfg.min_fit_fraction * max(shape.sum(), 1):
                     continue  # e.g. a canal tumour that would lie in the host's bone: the host's canal runs elsewhere
-                drawn = draw_tumour(image, labels, shape, rng, cfg)
+                drawn = draw_tumour(image, labels, shape, rng, cfg, host)
                 if drawn is not None:
                     out.append((drawn[0].astype(np.float16), drawn[1].astype(np.uint8)))
                     break
