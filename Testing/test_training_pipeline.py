@@ -916,6 +916,31 @@ def test_random_contrast_gives_close_dark_tissues_independent_brightness():
     assert ((csf > brain) & (csf > vs) & (csf > bone)).any()  # CSF can be the brightest, as on hrT2
 
 
+def test_randomise_label_intensity_decouples_the_tumour_from_tissues_of_its_source_intensity():
+    """After a random curve the ceT1 VS (0.85) and a vessel (0.85) share one value; label-wise randomisation
+    gives the VS its own median in the value range, leaves every other voxel alone, and keeps 2.5D channels."""
+    from training.augment import random_contrast, randomise_label_intensity
+
+    vol = np.zeros((2, 30, 30), np.float32)
+    vol[:, 2:28, 2:28] = 0.45
+    vol[:, 5:10, 5:10] = 0.85  # vessel
+    vol[:, 15:25, 15:25] = 0.85  # tumour
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[:, 15:25, 15:25] = 1
+    rng = np.random.default_rng(3)
+    gaps = []
+    for _ in range(20):
+        curved = random_contrast(vol, rng).astype(np.float32)
+        out = randomise_label_intensity(curved, lab, rng, heterogeneity=0.0, value_range=(0.05, 1.0))
+        assert np.array_equal(out[lab == 0], curved[lab == 0])
+        assert 0.05 - 1e-4 <= np.median(out[lab == 1]) <= 1.0 + 1e-4
+        gaps.append(abs(float(np.median(out[lab == 1])) - float(out[0, 7, 7])))
+    assert max(gaps) > 0.2  # no longer tied to the vessel
+    stacked = randomise_label_intensity(np.stack([vol[0]] * 3), lab[0], rng)  # (C, y, x) slab, 2D labels
+    assert stacked.shape == (3, 30, 30) and not np.allclose(stacked[:, 20, 20], 0.85)
+    assert np.array_equal(randomise_label_intensity(vol, np.zeros_like(lab), rng), vol)
+
+
 def test_patch_sampler_randomises_contrast_of_the_configured_share_of_patches():
     from training.segmentation import PatchSampler, TrainConfig
 

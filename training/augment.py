@@ -80,3 +80,27 @@ def random_contrast(volume_zyx: np.ndarray, rng: np.random.Generator, knots: int
     xs = np.maximum.accumulate(xs + np.arange(knots) * 1e-6)  # strictly increasing for np.interp
     ys = np.concatenate([[0.0], rng.uniform(0.0, 1.0, knots - 1)])
     return np.where(head, np.interp(v, xs, ys), 0.0).astype(np.float16)
+
+
+def randomise_label_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, label: int = 1,
+                              value_range=(0.05, 1.0), heterogeneity: float = 0.3,
+                              texture_sigma_voxels: float = 2.0) -> np.ndarray:
+    """``image`` (spatial like ``labels``, or with one leading channel axis) with the ``label`` region given its
+    own random intensity: its median becomes a value uniform in ``value_range`` (the range of
+    :func:`random_contrast`'s knots), times a smooth random field ``exp(heterogeneity · n)``. After a random
+    intensity curve the tumour otherwise shares the fate of every tissue of its source intensity (ceT1: vessels
+    and dura enhance like the VS); with this the network cannot key on the tumour's brightness relative to
+    them, only on shape and context (SynthSeg's label-wise randomisation). Returns float32."""
+    from scipy.ndimage import gaussian_filter
+
+    img = np.asarray(image, np.float32)
+    mask = np.asarray(labels) == label
+    if not mask.any():
+        return img.copy()
+    m = np.broadcast_to(mask, img.shape)
+    median = float(np.median(img[m]))
+    factor = np.float32(rng.uniform(*value_range) / max(median, 0.02))
+    if heterogeneity > 0:
+        field = gaussian_filter(rng.standard_normal(mask.shape).astype(np.float32), texture_sigma_voxels)
+        factor = factor * np.exp(heterogeneity * field / max(float(field.std()), 1e-6))
+    return np.where(m, img * factor, img).astype(np.float32)

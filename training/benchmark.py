@@ -100,7 +100,7 @@ def make_data(work: Path, bench: dict, workers: int = 2, progress: bool = True) 
 def _plain_members(cfg: dict) -> list:
     """The config's members without domain randomisation (an adaptation technique, not a baseline's):
     the no-adaptation and oracle baselines are plain nnU-Net-style training."""
-    return [{**m, "train": {k: v for k, v in m["train"].items() if k != "random_contrast_probability"}}
+    return [{**m, "train": {k: v for k, v in m["train"].items() if not k.startswith("random_contrast")}}
             for m in cfg["members"]]
 
 

@@ -28,7 +28,7 @@ from VSCochleaSegLib.model_folder import NetworkSpec
 from VSCochleaSegLib.networks import build_network, inference_state_dict, load_inference_state_dict
 
 from . import distributed
-from .augment import augment_intensity, random_contrast
+from .augment import augment_intensity, random_contrast, randomise_label_intensity
 
 
 @dataclass
@@ -48,6 +48,9 @@ class TrainConfig:
     # Domain randomisation: share of training patches passed through a fresh random intensity curve
     # (``augment.random_contrast``) before the nnU-Net intensity augmentation; 0 = off (plain nnU-Net).
     random_contrast_probability: float = 0.0
+    # With it: the VS of a randomised patch gets its own random intensity (``augment.randomise_label_intensity``)
+    # instead of the one the curve gives every tissue of the tumour's source intensity.
+    random_contrast_vs_independent: bool = False
     # Per-class weights of the cross-entropy and Dice terms (background, VS, cochlea); None = equal.
     class_weights: list | None = None
     # Stochastic weight averaging (Izmailov et al. 2018; SWAD, Cha et al. 2021, for domain generalisation):
@@ -115,6 +118,8 @@ class PatchSampler:
                 pi, pl = _random_patch(img, lab, self.cfg.patch_size_zyx, self.rng, centre)
             if self.cfg.random_contrast_probability and self.rng.random() < self.cfg.random_contrast_probability:
                 pi = random_contrast(pi, self.rng).astype(np.float32)
+                if self.cfg.random_contrast_vs_independent:
+                    pi = randomise_label_intensity(pi, pl, self.rng, label=1)
             imgs.append(pi if pi.ndim > pl.ndim else pi[None])
             labs.append(pl)
         return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]
