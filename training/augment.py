@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from VSCochleaSegLib.labels import VS
+
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (1, C, *spatial) (each channel alone) with replicate padding."""
@@ -82,17 +84,25 @@ def random_contrast(volume_zyx: np.ndarray, rng: np.random.Generator, knots: int
     return np.where(head, np.interp(v, xs, ys), 0.0).astype(np.float16)
 
 
-def randomise_label_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, label: int = 1,
+def log_normal_texture(shape, rng: np.random.Generator, heterogeneity: float, sigma_voxels) -> np.ndarray:
+    """``exp(heterogeneity · n)`` (float32, ``shape``), ``n`` a Gaussian random field smoothed by ``sigma_voxels``
+    (scalar or per axis) and scaled to unit standard deviation: the patchy texture of a heterogeneous or partly
+    cystic schwannoma, as a multiplicative field (median ≈ 1)."""
+    from scipy.ndimage import gaussian_filter
+
+    field = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_voxels)
+    return np.exp(heterogeneity * field / max(float(field.std()), 1e-6))
+
+
+def randomise_label_intensity(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, label: int = VS,
                               value_range=(0.05, 1.0), heterogeneity: float = 0.3,
                               texture_sigma_voxels: float = 2.0) -> np.ndarray:
     """``image`` (spatial like ``labels``, or with one leading channel axis) with the ``label`` region given its
     own random intensity: its median becomes a value uniform in ``value_range`` (the range of
-    :func:`random_contrast`'s knots), times a smooth random field ``exp(heterogeneity · n)``. After a random
+    :func:`random_contrast`'s knots), times :func:`log_normal_texture`. After a random
     intensity curve the tumour otherwise shares the fate of every tissue of its source intensity (ceT1: vessels
     and dura enhance like the VS); with this the network cannot key on the tumour's brightness relative to
     them, only on shape and context (SynthSeg's label-wise randomisation). Returns float32."""
-    from scipy.ndimage import gaussian_filter
-
     img = np.asarray(image, np.float32)
     mask = np.asarray(labels) == label
     if not mask.any():
@@ -101,6 +111,5 @@ def randomise_label_intensity(image: np.ndarray, labels: np.ndarray, rng: np.ran
     median = float(np.median(img[m]))
     factor = np.float32(rng.uniform(*value_range) / max(median, 0.02))
     if heterogeneity > 0:
-        field = gaussian_filter(rng.standard_normal(mask.shape).astype(np.float32), texture_sigma_voxels)
-        factor = factor * np.exp(heterogeneity * field / max(float(field.std()), 1e-6))
+        factor = factor * log_normal_texture(mask.shape, rng, heterogeneity, texture_sigma_voxels)
     return np.where(m, img * factor, img).astype(np.float32)

@@ -119,7 +119,7 @@ class PatchSampler:
             if self.cfg.random_contrast_probability and self.rng.random() < self.cfg.random_contrast_probability:
                 pi = random_contrast(pi, self.rng).astype(np.float32)
                 if self.cfg.random_contrast_vs_independent:
-                    pi = randomise_label_intensity(pi, pl, self.rng, label=1)
+                    pi = randomise_label_intensity(pi, pl, self.rng)
             imgs.append(pi if pi.ndim > pl.ndim else pi[None])
             labs.append(pl)
         return torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs).astype(np.int64))[:, None]

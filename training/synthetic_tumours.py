@@ -35,6 +35,8 @@ from scipy.ndimage import binary_dilation, gaussian_filter
 
 from VSCochleaSegLib.labels import COCHLEA, VS
 
+from .augment import log_normal_texture
+
 
 @dataclass
 class SyntheticTumourConfig:
@@ -137,8 +139,7 @@ def draw_tumour(image_zyx: np.ndarray, labels_zyx: np.ndarray, tumour_zyx: np.nd
     median = min(rng.uniform(*cfg.factor_range) * reference, cfg.max_fraction_of_csf * csf)
     tumour = np.full(image.shape, median, np.float32)
     if cfg.heterogeneity > 0:
-        field = gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), cfg.texture_sigma_voxels)
-        tumour *= np.exp(cfg.heterogeneity * field / max(float(field.std()), 1e-6))
+        tumour *= log_normal_texture(image.shape, rng, cfg.heterogeneity, cfg.texture_sigma_voxels)
     tumour += rng.standard_normal(image.shape).astype(np.float32) * np.float32(noise_level(image, tissue))
     alpha = np.clip(gaussian_filter(mask.astype(np.float32), cfg.edge_sigma_voxels), 0.0, 1.0)
     alpha[mask] = np.maximum(alpha[mask], 0.5)

@@ -20,6 +20,8 @@ from scipy.ndimage import binary_dilation, gaussian_filter
 
 from VSCochleaSegLib.labels import VS
 
+from ..augment import log_normal_texture
+
 
 def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng: np.random.Generator,
                              factor_range=(0.5, 1.5), sigma_voxels=1.0, probability: float = 1.0,
@@ -58,8 +60,7 @@ def augment_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng:
         reference = float(np.median(tissue)) if tissue.size else 1.0
         factor = np.float32(factor * reference / max(float(np.median(image[mask])), 0.05 * reference))
     if heterogeneity > 0:
-        field = gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), texture_sigma_voxels)
-        factor = factor * np.exp(heterogeneity * field / max(float(field.std()), 1e-6))
+        factor = factor * log_normal_texture(image.shape, rng, heterogeneity, texture_sigma_voxels)
     weight = gaussian_filter(mask.astype(np.float32), sigma_voxels)
     return image * (1.0 + (factor - 1.0) * weight)
 
