@@ -48,6 +48,8 @@ def tiny_config() -> dict:
         "pseudo_labels": {"min_voxel_confidence": 0.0, "min_case_confidence": 0.0, "keep_fraction": 1.0},
     })
     cfg["self_training"]["train"] = {"iterations": 2}
+    # The 2 mm translator path (crossmoda.json; phantom-cpu skips it) stays exercised; the backend is a fake anyway.
+    cfg["translation"]["localiser"] = dict(cfg["translation"]["crops"], image_size=[32, 32])
     cfg["translation"]["tumour_augmentation"].update({"csf_rim_probability": 1.0, "relative_to_tissue": True})
     cfg["variants"]["method_b"]["members"] = cfg["members"]
     cfg["variants"]["method_b"]["self_training"]["train"] = {"iterations": 2}
@@ -890,6 +892,24 @@ def test_fake_images_are_air_outside_the_source_head():
     assert fake[0, 0, 0] == 0.0 and fake[0, 10, 10] == pytest.approx(1.2)
 
 
+def test_a_vs_conditioned_translator_gets_the_source_vs_mask():
+    from training.pipeline import translate_in_head
+
+    class Conditioned(InvertingTranslator):
+        conditioned = True
+
+        def translate_volume(self, volume_zyx, snapshot=None, vs_mask=None):
+            return np.where(vs_mask, 0.4, super().translate_volume(volume_zyx, snapshot))
+
+    source = np.full((2, 20, 20), 0.5, np.float32)
+    labels = np.zeros(source.shape, np.uint8)
+    labels[:, 3:6, 3:6], labels[:, 12:14, 12:14] = 1, 2  # VS, cochlea
+    fake = translate_in_head(Conditioned(), source, None, labels)
+    assert np.allclose(fake[labels == 1], 0.4) and np.allclose(fake[labels != 1], 0.7)
+    with pytest.raises(ValueError, match="labels"):
+        translate_in_head(Conditioned(), source, None)
+
+
 def test_random_contrast_keeps_air_dark_and_changes_the_head():
     from training.pipeline import random_contrast
 
@@ -1022,6 +1042,29 @@ def test_localiser_stage_fine_tunes_on_pseudo_labelled_real_hrt2(method_a_run, u
     assert any(not torch.equal(first[k], v) for k, v in shipped.items() if k in first)
 
 
+def test_without_a_localiser_translator_the_localiser_learns_from_random_contrast_copies(method_a_run, uda_data,
+                                                                                         tmp_path):
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    os.symlink(out / "prepare", tmp_path / "prepare")
+    cfg = tiny_config()
+    cfg["translation"]["localiser"] = None
+    cfg["localiser"]["random_contrast_copies"] = 0
+    run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)  # no translator trains
+    done = run.stage("translate_localiser", lambda d: pipeline.stage_translate_localiser(run, d))
+    assert done["info"]["skipped"] and not list((tmp_path / "translate_localiser" / "fake").iterdir())
+    with pytest.raises(ValueError, match="random_contrast_copies"):
+        pipeline.stage_localiser(run, tmp_path / "localiser")
+    cfg["localiser"]["random_contrast_copies"] = 2
+    run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
+    done = run.stage("localiser", lambda d: pipeline.stage_localiser(run, d))
+    assert (tmp_path / "localiser" / "localiser.safetensors").exists()
+    cfg["translation"]["crops_init_from_localiser"] = True
+    with pytest.raises(ValueError, match="translation.localiser is null"):
+        pipeline.stage_translate_crops(run, tmp_path / "translate_crops")
+
+
 def test_a_stage_run_before_an_optional_setting_existed_is_still_accepted():
     from training.pipeline import stage_fingerprint
 
@@ -1039,7 +1082,8 @@ def test_configs_name_every_stage_setting_and_parse(tmp_path):
         for variant in (None, "method_b"):
             cfg = load_config(name, variant)
             for scale in ("localiser", "crops"):
-                TranslationConfig.from_dict(cfg["translation"][scale])
+                if cfg["translation"][scale] is not None:  # phantom-cpu has no 2 mm translator
+                    TranslationConfig.from_dict(cfg["translation"][scale])
             members = [{"name": m["name"], "train": m["train"], "weight": 1.0} for m in cfg["members"]]
             assert model_spec(cfg, members, cfg["fusion"], {"hrT2_labels_used": False}).segmentation.fusion == cfg["fusion"]
     with pytest.raises(KeyError):

@@ -279,3 +279,33 @@ def test_seg_grad_scale_scales_the_fake_segmentation_gradient_into_the_ceT1_to_h
     assert full.abs().sum() > 0
     assert torch.allclose(quarter, 0.25 * full, rtol=1e-4, atol=1e-7)
     assert detached.abs().sum() == 0
+
+
+def test_vs_conditioned_translator_reads_the_mask_and_insists_on_it(data, tmp_path):
+    """``condition_on_vs``: G_A reads (image, VS mask); the exported translator needs the mask, changes its output
+    only where (and near where) the mask changes, and a plain translator refuses one."""
+    cet1, labels, hrt2 = data
+    translator = train_translation(cet1, labels, hrt2, tiny_config("cyclegan_seg", condition_on_vs=True), tmp_path / "c")
+    assert translator.conditioned and translator.slab == 1
+    reloaded = Translator.load(tmp_path / "c", device="cpu")
+    assert reloaded.conditioned
+    with pytest.raises(ValueError, match="vs_mask"):
+        translator.translate_volume(cet1[0])
+    with_vs = translator.translate_volume(cet1[0], vs_mask=labels[0] == 1)
+    without_vs = translator.translate_volume(cet1[0], vs_mask=np.zeros(SHAPE, bool))
+    assert with_vs.shape == SHAPE and np.isfinite(with_vs).all()
+    differs = ~np.isclose(with_vs, without_vs, atol=1e-6)
+    tumour_slices = np.unique(np.nonzero(labels[0] == 1)[0])
+    assert differs[tumour_slices].any() and not differs[np.setdiff1d(np.arange(SHAPE[0]), tumour_slices)].any()
+    assert np.allclose(reloaded.translate_volume(cet1[0], vs_mask=labels[0] == 1), with_vs, atol=1e-5)
+    assert translator.segment_volume(hrt2[0]).shape == SHAPE  # G_B's head reads hrT2 alone
+    plain = Translator.load(tmp_path / "c", device="cpu")
+    plain.meta["generator"] = {**plain.meta["generator"], "in_channels": 1}
+    with pytest.raises(ValueError, match="does not read a VS mask"):
+        plain.translate_volume(cet1[0], vs_mask=labels[0] == 1)
+
+
+@pytest.mark.parametrize("bad", [dict(model="cut"), dict(slab_slices=3)])
+def test_vs_conditioning_that_cannot_work_is_refused(bad):
+    with pytest.raises(ValueError, match="condition_on_vs"):
+        TranslationConfig(**{"model": "cyclegan_seg", "image_size": (32, 32), "condition_on_vs": True, **bad})

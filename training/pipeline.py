@@ -135,7 +135,7 @@ def stage_fingerprint(cfg: dict, stage: str) -> dict:
 class TranslatorLike(Protocol):
     snapshots: Sequence[int]
 
-    def translate_volume(self, volume_zyx: np.ndarray, snapshot=None) -> np.ndarray: ...
+    def translate_volume(self, volume_zyx: np.ndarray, snapshot=None, vs_mask=None) -> np.ndarray: ...
 
 
 class TranslationBackend(Protocol):
@@ -289,12 +289,19 @@ def _train_translator(run: Run, d: Path, source_images, source_labels, target_im
                              d / "translator", run.progress)
 
 
-def translate_in_head(translator: TranslatorLike, source_zyx: np.ndarray, snapshot) -> np.ndarray:
+def translate_in_head(translator: TranslatorLike, source_zyx: np.ndarray, snapshot, labels_zyx=None) -> np.ndarray:
     """Fake hrT2 of ``source_zyx``; outside the source's head it is air (0), as on every normalised scan.
-    Uses only the source image: an unconverged generator's grey background must not teach the networks
-    that air is grey."""
+    Uses only the source image (and, for a translator trained with ``condition_on_vs``, the VS of the source's
+    labels ``labels_zyx``): an unconverged generator's grey background must not teach the networks that air is grey."""
     source = _f32(source_zyx)
-    return np.where(head_mask(source), translator.translate_volume(source, snapshot), 0.0).astype(np.float32)
+    vs_mask = None
+    if getattr(translator, "conditioned", False):
+        if labels_zyx is None:
+            raise ValueError("this translator reads the VS mask: give the source's labels")
+        vs_mask = np.asarray(labels_zyx) == VS
+    fake = translator.translate_volume(source, snapshot, vs_mask=vs_mask) if vs_mask is not None else \
+        translator.translate_volume(source, snapshot)
+    return np.where(head_mask(source), fake, 0.0).astype(np.float32)
 
 
 def _snapshots(translator: TranslatorLike, which) -> list:
@@ -307,6 +314,11 @@ def _snapshots(translator: TranslatorLike, which) -> list:
 
 
 def stage_translate_localiser(run: Run, d: Path) -> dict:
+    """Fake hrT2 2 mm localiser volumes from the source's; ``translation.localiser`` null skips the translator (the
+    localiser then learns from its ``random_contrast_copies`` of the ceT1 volumes and its own self-training)."""
+    if run.cfg["translation"].get("localiser") is None:
+        (d / "fake").mkdir(exist_ok=True)
+        return {"snapshots": [], "skipped": "translation.localiser is null"}
     src = _source_cases(run)
     tgt = _target_localiser_volumes(run)
     translator = _train_translator(run, d, [a["localiser"][0] for _, a in src], [a["localiser"][1] for _, a in src],
@@ -315,7 +327,7 @@ def stage_translate_localiser(run: Run, d: Path) -> dict:
     (d / "fake").mkdir(exist_ok=True)
     for case_id, arrays in tqdm(src, desc="fake hrT2 localiser volumes", disable=not run.progress):
         img, lab = arrays["localiser"]
-        fakes = [translate_in_head(translator, img, s).astype(np.float16) for s in snaps]
+        fakes = [translate_in_head(translator, img, s, lab).astype(np.float16) for s in snaps]
         _save_npz(d / "fake" / f"{case_id}.npz", images=np.stack(fakes), labels=lab)
     return {"snapshots": [s for s in snaps]}
 
@@ -339,6 +351,9 @@ def stage_localiser(run: Run, d: Path) -> dict:
         rng = np.random.default_rng([run.cfg.get("seed", 0), 3])
         arrays += [(random_contrast(a["localiser"][0], rng), a["localiser"][1])
                    for _, a in _source_cases(run) for _ in range(copies)]
+    if not arrays:
+        raise ValueError("the localiser has nothing to learn from: translation.localiser is null (no fake hrT2) and "
+                         "localiser.random_contrast_copies is 0; set random_contrast_copies ≥ 1 or a localiser translator")
     sd = train_network(arrays, tcfg, d, "localiser", progress=run.progress)
     info = {}
     st = run.cfg["localiser"].get("self_training")
@@ -443,6 +458,8 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
     src_labs = [lab for _, a in src for _, lab in a["crops"]]
     crops_cfg = dict(tcfg["crops"])
     if tcfg.get("crops_init_from_localiser"):
+        if tcfg.get("localiser") is None:
+            raise ValueError("translation.crops_init_from_localiser needs the 2 mm translator; translation.localiser is null")
         # Fine-tune the 2 mm translator at 0.5 mm (measured: no help at phantom-cpu budgets, docs/training.md).
         crops_cfg["init_weights"] = str(run.out / "translate_localiser" / "translator")
     translator = _train_translator(run, d, src_imgs, src_labs, [c for _, c in _target_crops(run)], crops_cfg)
@@ -460,7 +477,7 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
         images, labels = [], []
         for img, lab in arrays["crops"]:
             for s in snaps:
-                fake = translate_in_head(translator, img, s)
+                fake = translate_in_head(translator, img, s, lab)
                 images.append(fake.astype(np.float16))
                 labels.append(lab)
                 # Extra copies with the tumour darkened or brightened: real VS intensity on hrT2 varies

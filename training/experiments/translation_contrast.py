@@ -53,7 +53,7 @@ def main(argv=None) -> None:
                                    [np.asarray(t, np.float32) for t in target], tcfg, out)
     minutes = (time.time() - t0) / 60
     real = [tissue_contrast(img, lab) for img, lab in pairs[:10]]
-    fake = [tissue_contrast(translate_in_head(translator, img, translator.snapshots[-1]), lab) for img, lab in pairs[:10]]
+    fake = [tissue_contrast(translate_in_head(translator, img, translator.snapshots[-1], lab), lab) for img, lab in pairs[:10]]
     print(json.dumps({"scale": scale, "overrides": overrides, "train_minutes": round(minutes, 1),
                       "columns": ["VS/median", "inner_ear/median", "p90/median"],
                       "real_ceT1": np.round(np.nanmean(real, 0), 2).tolist(),

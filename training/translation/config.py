@@ -62,6 +62,11 @@ class TranslationConfig:
     # hrT2 head still learns at weight_seg)
     seg_grad_scale: float = 1.0
     pool_size: int = 50  # CycleGAN's history of fakes shown to the discriminators
+    # cyclegan_seg: the ceT1 → hrT2 generator also reads the VS mask as a second input channel (the source label
+    # on ceT1; on the hrT2 → ceT1 → hrT2 cycle, G_B's own VS probability of the real hrT2, once its head has
+    # warmed up), so it can render the tumour apart from the vessels and dura that enhance like it on ceT1.
+    # Fake hrT2 is then made with the source label (``Translator.translate_volume(..., vs_mask=...)``).
+    condition_on_vs: bool = False
     # CUT / CutSeg
     weight_nce: float = 1.0
     nce_identity: bool = True
@@ -105,6 +110,8 @@ class TranslationConfig:
         if not 0.0 <= self.seg_grad_scale <= 1.0:
             raise ValueError(f"seg_grad_scale must lie in [0, 1] (a share of the segmentation gradient), "
                              f"not {self.seg_grad_scale}")
+        if self.condition_on_vs and (self.model != "cyclegan_seg" or self.slab_slices != 1):
+            raise ValueError("condition_on_vs needs model cyclegan_seg with slab_slices 1; set condition_on_vs to false")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
         if any(i < 0 or i > self.levels + 1 for i in self.nce_layers):

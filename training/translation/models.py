@@ -8,7 +8,9 @@ Domain A is the annotated source (ceT1), domain B the unannotated target (hrT2).
   ``w_adv·LSGAN + w_cycle·(L1 + k-space L1) + w_idt·L1(identity) + w_seg·seg`` where seg is Dice+CE of
   G_A's head on real ceT1 against the ceT1 labels, plus, after ``seg_warmup_iterations``, Dice+CE of
   G_B's head on fake hrT2 G_A(ceT1) against the same labels (G_B's head is the one that later reads real
-  hrT2). Discriminators see a 50-image history of fakes (Shrivastava et al. 2017, as CycleGAN).
+  hrT2). Discriminators see a 50-image history of fakes (Shrivastava et al. 2017, as CycleGAN). With
+  ``condition_on_vs`` G_A reads (image, VS mask): the ceT1 label's VS on the A → B → A cycle, G_B's detached
+  VS probability of the real hrT2 on the B → A → B cycle (zeros before the warm-up, while that head is untrained).
 - :class:`CUT` (method b, Park et al. 2020): one generator, one discriminator, PatchNCE between the
   source and its translation on several encoder layers, identity PatchNCE on target images.
 - :class:`CutSeg` (method b): CUT plus a segmentation network (MONAI DynUNet, so it exports like any
@@ -35,10 +37,10 @@ from .networks import PatchDiscriminator, PatchSampleMLP, UNetGenerator, plan_st
 N_CLASSES = 3  # background, VS, cochlea
 
 
-def generator_kwargs(cfg: TranslationConfig, seg_classes: int = 0) -> dict:
+def generator_kwargs(cfg: TranslationConfig, seg_classes: int = 0, conditioned: bool = False) -> dict:
     """Everything needed to rebuild the generator (stored with exported translators); a slab translator
-    reads and writes ``cfg.slab_slices`` channels."""
-    return {"dims": cfg.dims, "in_channels": cfg.slab_slices, "out_channels": cfg.slab_slices,
+    reads and writes ``cfg.slab_slices`` channels; a ``conditioned`` one reads the VS mask as one more channel."""
+    return {"dims": cfg.dims, "in_channels": cfg.slab_slices + int(conditioned), "out_channels": cfg.slab_slices,
             "base_filters": cfg.base_filters, "levels": cfg.levels, "strides": [list(s) for s in plan_strides(cfg.image_size, cfg.levels)],
             "seg_classes": seg_classes}
 
@@ -161,7 +163,7 @@ class CycleGANSeg(TranslationModel):
     def __init__(self, cfg, device, generator, use_bf16=False):
         super().__init__(cfg, device, generator, use_bf16)
         gk, dk = generator_kwargs(cfg, N_CLASSES), discriminator_kwargs(cfg)
-        self.G_A = UNetGenerator(**gk)  # ceT1 → hrT2; its head segments ceT1
+        self.G_A = UNetGenerator(**generator_kwargs(cfg, N_CLASSES, cfg.condition_on_vs))  # ceT1 → hrT2; segments ceT1
         self.G_B = UNetGenerator(**gk)  # hrT2 → ceT1; its head segments hrT2
         self.D_A = PatchDiscriminator(**dk)  # real hrT2 vs G_A's fakes
         self.D_B = PatchDiscriminator(**dk)  # real ceT1 vs G_B's fakes
@@ -170,9 +172,15 @@ class CycleGANSeg(TranslationModel):
                            "D": self._adam(itertools.chain(self.D_A.parameters(), self.D_B.parameters()))}
         self.pools = {"A": ImagePool(cfg.pool_size, generator), "B": ImagePool(cfg.pool_size, generator)}
 
+    def _with_vs(self, image: torch.Tensor, vs: torch.Tensor | None) -> torch.Tensor:
+        """G_A's input: ``image``, plus the VS mask (B, 1, *size) in [0, 1] as a channel when conditioned."""
+        if not self.cfg.condition_on_vs:
+            return image
+        return torch.cat([image, torch.zeros_like(image) if vs is None else vs.to(image.dtype)], dim=1)
+
     def forward(self, iteration: int = 0):
         cfg = self.cfg
-        features_A = self.G_A.encoder(self.real_A)
+        features_A = self.G_A.encoder(self._with_vs(self.real_A, (self.labels_A == 1).float()))
         self.fake_B = self.G_A.decode_image(features_A)
         self.seg_real_A = self.G_A.decode_segmentation(features_A)
         features_fake_B = self.G_B.encoder(self.fake_B)
@@ -185,8 +193,13 @@ class CycleGANSeg(TranslationModel):
                 self.seg_fake_B = self.G_B.decode_segmentation(features_fake_B)
             else:  # same values; the gradient into G_A is scaled by seg_grad_scale
                 self.seg_fake_B = self.G_B.segment(scale_gradient(self.fake_B, cfg.seg_grad_scale))
-        self.fake_A = self.G_B(self.real_B)
-        self.rec_B = self.G_A(self.fake_A)
+        features_B = self.G_B.encoder(self.real_B)
+        self.fake_A = self.G_B.decode_image(features_B)
+        vs_B = None
+        if cfg.condition_on_vs and iteration >= cfg.seg_warmup_iterations:
+            with torch.no_grad():
+                vs_B = torch.softmax(self.G_B.decode_segmentation(features_B).float(), dim=1)[:, 1:2]
+        self.rec_B = self.G_A(self._with_vs(self.fake_A, vs_B))
 
     def optimize_parameters(self, iteration: int) -> dict:
         cfg = self.cfg
@@ -197,7 +210,8 @@ class CycleGANSeg(TranslationModel):
             cycle = cycle_loss(self.rec_A, self.real_A, cfg.kspace_cycle) + cycle_loss(self.rec_B, self.real_B, cfg.kspace_cycle)
             identity = torch.zeros((), device=self.device)
             if cfg.weight_identity > 0:
-                identity = image_l1(self.G_A(self.real_B), self.real_B) + image_l1(self.G_B(self.real_A), self.real_A)
+                identity = (image_l1(self.G_A(self._with_vs(self.real_B, None)), self.real_B)
+                            + image_l1(self.G_B(self.real_A), self.real_A))
             seg_real = segmentation_loss(self.seg_real_A, self.labels_A)
             seg_fake = (segmentation_loss(self.seg_fake_B, self.labels_A) if self.seg_fake_B is not None
                         else torch.zeros((), device=self.device))

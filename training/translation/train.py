@@ -156,7 +156,7 @@ def train_translation(source_images: list, source_labels: list, target_images: l
     wanted = [it for it in cfg.save_at if it < cfg.iterations] + [cfg.iterations]
     snapshots = {it: load_file(str(_snapshot_path(out_dir, it))) for it in wanted if _snapshot_path(out_dir, it).exists()}
     meta = {"model": cfg.model, "dims": cfg.dims, "image_size": list(cfg.image_size),
-            "generator": generator_kwargs(cfg), "target_range": _target_range(target_images), "config": cfg.to_dict()}
+            "generator": generator_kwargs(cfg, conditioned=cfg.condition_on_vs), "target_range": _target_range(target_images), "config": cfg.to_dict()}
     model.eval()
     translator = Translator.from_model(model, meta, snapshots, device=cfg.device)
     translator.save(out_dir)

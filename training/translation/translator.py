@@ -6,6 +6,7 @@ cutseg, the built-in segmenter of real hrT2. Saved as one safetensors file plus 
     fake_hrt2 = translator.translate_volume(cet1_zyx)                        # the last snapshot
     variants = [translator.translate_volume(cet1_zyx, s) for s in translator.snapshots]
     labels = translator.segment_volume(hrt2_zyx)                             # None for plain CUT
+    fake_hrt2 = translator.translate_volume(cet1_zyx, vs_mask=cet1_labels_zyx == 1)  # VS-conditioned
 
 Volumes are (z, y, x) arrays scaled as the engine scales scans (percentile normalisation, [0, 1.5]).
 Inside, each volume is min-max normalised to [0, 1] (method a); the generator's [0, 1] output is mapped
@@ -75,7 +76,12 @@ class Translator:
     @property
     def slab(self) -> int:
         """Axial slices a 2.5D (slab) translator reads and writes at once; 1 for plain 2D and 3D."""
-        return int(self.meta["generator"].get("in_channels", 1))
+        return int(self.meta["generator"].get("out_channels", 1))
+
+    @property
+    def conditioned(self) -> bool:
+        """True when the generator also reads the VS mask (``condition_on_vs``): translate with ``vs_mask``."""
+        return int(self.meta["generator"].get("in_channels", 1)) > self.slab
 
     # ------------------------------------------------------------------ networks
 
@@ -109,15 +115,23 @@ class Translator:
 
     # ------------------------------------------------------------------ inference
 
-    def _run(self, fn, volume01: np.ndarray, multiple=1) -> np.ndarray:
+    def _run(self, fn, volume01: np.ndarray, multiple=1, extra: np.ndarray | None = None) -> np.ndarray:
         """Apply ``fn`` ((B, slab, *spatial) → (B, C, *spatial)) to a [0, 1] volume: slice by slice in 2D (each
         slice with its :func:`neighbour_slices` for a slab translator), by sliding windows of the training patch
-        size in 3D. Returns (C, z, y, x) float32."""
+        size in 3D. ``extra`` (z, y, x), e.g. a VS mask, joins as one more input channel (its centre slice in 2D).
+        Returns (C, z, y, x) float32."""
         x = torch.from_numpy(np.ascontiguousarray(volume01, dtype=np.float32))
+        if extra is not None:
+            if extra.shape != volume01.shape:
+                raise ValueError(f"the extra channel's shape {extra.shape} differs from the volume's {volume01.shape}")
+            e = torch.from_numpy(np.ascontiguousarray(extra, dtype=np.float32))
+            if self.dims == 3:
+                x = torch.stack([x, e])  # (2, z, y, x): sliding windows over both channels
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             if self.dims == 3:
                 roi = tuple(self.meta["image_size"])
-                out = sliding_window_inference(x[None, None].to(self.device), roi, 1, lambda t: fn(t).float(),
+                x = x[None] if x.ndim == 4 else x[None, None]
+                out = sliding_window_inference(x.to(self.device), roi, 1, lambda t: fn(t).float(),
                                                overlap=0.25, mode="gaussian")
                 return out[0].float().cpu().numpy()
             multiple = (multiple,) * 2 if isinstance(multiple, int) else tuple(multiple)
@@ -126,16 +140,21 @@ class Translator:
             slabs = torch.from_numpy(neighbour_slices(np.arange(x.shape[0]), self.slab, x.shape[0]))
             outs = []
             for start in range(0, x.shape[0], self.batch_slices):
-                batch = x[slabs[start:start + self.batch_slices]].to(self.device)  # (B, slab, y, x)
+                batch = x[slabs[start:start + self.batch_slices]]  # (B, slab, y, x)
+                if extra is not None:
+                    batch = torch.cat([batch, e[start:start + self.batch_slices, None]], dim=1)
+                batch = batch.to(self.device)
                 if any(pad):
                     batch = F.pad(batch, (0, pad[1], 0, pad[0]), mode="replicate")
                 outs.append(fn(batch)[..., :h, :w].float().cpu())
             return torch.cat(outs).transpose(0, 1).numpy()
 
-    def translate_volume(self, volume_zyx: np.ndarray, snapshot: int | None = None) -> np.ndarray:
+    def translate_volume(self, volume_zyx: np.ndarray, snapshot: int | None = None,
+                         vs_mask: np.ndarray | None = None) -> np.ndarray:
         """Source (ceT1) volume → fake target (hrT2), same shape, float32 on the target's intensity scale.
 
-        ``snapshot``: a training iteration from :attr:`snapshots` (default: the last).
+        ``snapshot``: a training iteration from :attr:`snapshots` (default: the last). ``vs_mask`` (z, y, x) bool:
+        the source's VS label, needed by a :attr:`conditioned` translator and refused by any other.
         """
         snapshot = self.snapshots[-1] if snapshot is None else int(snapshot)
         if snapshot not in self._states:
@@ -143,8 +162,12 @@ class Translator:
         volume = np.asarray(volume_zyx)
         if volume.ndim != 3:
             raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
+        if self.conditioned != (vs_mask is not None):
+            raise ValueError("this translator reads the VS mask: pass vs_mask=(labels == 1)" if self.conditioned
+                             else "this translator does not read a VS mask (it was trained without condition_on_vs)")
+        extra = None if vs_mask is None else np.asarray(vs_mask, dtype=np.float32)
         generator, centre = self._generator(snapshot), self.slab // 2  # a slab translator keeps its centre slice
-        out01 = self._run(lambda t: generator(t)[:, centre:centre + 1], minmax(volume))[0]
+        out01 = self._run(lambda t: generator(t)[:, centre:centre + 1], minmax(volume), extra=extra)[0]
         lo, hi = self.meta["target_range"]
         return (np.clip(out01, 0.0, 1.0) * (hi - lo) + lo).astype(np.float32)
 
