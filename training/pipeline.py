@@ -11,11 +11,12 @@ config differs is refused, so a reused folder can never silently mix settings), 
 
 1. ``prepare``: ceT1 per-ear crops (jittered around the label's cochleae) + 2 mm whole-head localiser
    volumes with labels; hrT2 localiser volumes only.
-2. ``translate_localiser`` → ``localiser`` → ``target_crops``: hrT2 ears are found without any hrT2 label
-   by translating at two scales. A first translator maps the 2 mm ceT1 localiser volumes to fake hrT2,
-   the localiser network is trained on those (with the ceT1 labels), and that localiser — the one the
-   exported model ships — finds both ears on every real hrT2 scan, exactly as the engine will at
-   inference, and cuts the real hrT2 ear crops there.
+2. ``translate_localiser`` → ``localiser`` → ``target_crops``: hrT2 ears are found without any hrT2 label.
+   A first translator maps the 2 mm ceT1 localiser volumes to fake hrT2 (skipped when
+   ``translation.localiser`` is null, as in ``phantom-cpu``), the localiser network is trained on those and on
+   random-contrast copies of the ceT1 volumes (with the ceT1 labels), then fine-tuned on the real hrT2 scans
+   where it finds both ears itself; that localiser — the one the exported model ships — finds both ears on
+   every real hrT2 scan, exactly as the engine will at inference, and cuts the real hrT2 ear crops there.
    ``translate_crops``: a second translator maps ceT1 ear crops to fake hrT2 crops (0.5 mm), several
    training snapshots for diversity, plus tumour intensity augmentation (darkened/brightened VS copies).
 3. ``segment``: 2D and 3D DynUNets (nnU-Net style) on fake hrT2; k folds over source cases when
@@ -279,7 +280,7 @@ def _target_localiser_volumes(run: Run) -> list[tuple[str, np.ndarray, Intensity
 
 
 # --------------------------------------------------------------------------------------------------
-# Stage 2: translation at two scales, localiser, real hrT2 crops
+# Stage 2: translation (2 mm, optional, and 0.5 mm ear crops), localiser, real hrT2 crops
 # --------------------------------------------------------------------------------------------------
 
 def _train_translator(run: Run, d: Path, source_images, source_labels, target_images, tcfg: dict) -> TranslatorLike:
