@@ -309,3 +309,17 @@ def test_vs_conditioned_translator_reads_the_mask_and_insists_on_it(data, tmp_pa
 def test_vs_conditioning_that_cannot_work_is_refused(bad):
     with pytest.raises(ValueError, match="condition_on_vs"):
         TranslationConfig(**{"model": "cyclegan_seg", "image_size": (32, 32), "condition_on_vs": True, **bad})
+
+
+def test_discriminators_can_learn_slower_than_generators():
+    from training.translation.models import build_model
+
+    for model_name in ("cyclegan_seg", "cut"):
+        model = build_model(tiny_config(model_name, lr=2e-4, disc_lr=5e-5), torch.device("cpu"), torch.Generator().manual_seed(0))
+        assert model.optimizers["G"].param_groups[0]["lr"] == 2e-4 and model.optimizers["D"].param_groups[0]["lr"] == 5e-5
+        model.set_learning_rate(0.5)  # the decay scales both from their own base
+        assert model.optimizers["D"].param_groups[0]["lr"] == 2.5e-5
+    default = build_model(tiny_config("cyclegan_seg", lr=2e-4), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert default.optimizers["D"].param_groups[0]["lr"] == 2e-4
+    with pytest.raises(ValueError, match="disc_lr"):
+        TranslationConfig(disc_lr=0.0)

@@ -45,6 +45,7 @@ class TranslationConfig:
     seg_network: dict | None = None  # cutseg's segmentation module (a NetworkSpec dict); None = derived
     # optimisation
     lr: float = 1e-4
+    disc_lr: float | None = None  # the discriminators' Adam learning rate; None = ``lr`` (CycleGAN, CUT)
     betas: tuple = (0.5, 0.999)
     lr_decay: float = 0.98
     epoch_iterations: int = 100
@@ -107,6 +108,8 @@ class TranslationConfig:
                              "module reads single slices); set slab_slices to 1")
         if self.kspace_cycle not in ("complex", "magnitude", "none"):
             raise ValueError(f"kspace_cycle must be complex, magnitude or none, not {self.kspace_cycle!r}")
+        if self.disc_lr is not None and not self.disc_lr > 0:
+            raise ValueError(f"disc_lr must be a positive learning rate or null (= lr), not {self.disc_lr}")
         if not 0.0 <= self.seg_grad_scale <= 1.0:
             raise ValueError(f"seg_grad_scale must lie in [0, 1] (a share of the segmentation gradient), "
                              f"not {self.seg_grad_scale}")

@@ -169,7 +169,7 @@ class CycleGANSeg(TranslationModel):
         self.D_B = PatchDiscriminator(**dk)  # real ceT1 vs G_B's fakes
         self.to(self.device)
         self.optimizers = {"G": self._adam(itertools.chain(self.G_A.parameters(), self.G_B.parameters())),
-                           "D": self._adam(itertools.chain(self.D_A.parameters(), self.D_B.parameters()))}
+                           "D": self._adam(itertools.chain(self.D_A.parameters(), self.D_B.parameters()), cfg.disc_lr)}
         self.pools = {"A": ImagePool(cfg.pool_size, generator), "B": ImagePool(cfg.pool_size, generator)}
 
     def _with_vs(self, image: torch.Tensor, vs: torch.Tensor | None) -> torch.Tensor:
@@ -251,7 +251,7 @@ class CUT(TranslationModel):
         self.D = PatchDiscriminator(**discriminator_kwargs(cfg))
         self.F = PatchSampleMLP([self.G.feature_channels[i] for i in cfg.nce_layers], cfg.nce_dim)
         self.to(self.device)
-        self.optimizers = {"G": self._adam(self.G.parameters()), "D": self._adam(self.D.parameters()),
+        self.optimizers = {"G": self._adam(self.G.parameters()), "D": self._adam(self.D.parameters(), cfg.disc_lr),
                            "F": self._adam(self.F.parameters())}
 
     def forward(self, iteration: int = 0):
