@@ -69,7 +69,7 @@ def one_thread():
 class InvertingTranslator:
     snapshots = [1, 2]
 
-    def translate_volume(self, volume_zyx, snapshot=None):
+    def translate_volume(self, volume_zyx, snapshot=None, vs_mask=None):
         gain = 1.0 if snapshot in (None, 2) else 0.9
         return np.clip(gain * (1.2 - np.asarray(volume_zyx, np.float32)), 0, 1.5)
 

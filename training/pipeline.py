@@ -300,9 +300,8 @@ def translate_in_head(translator: TranslatorLike, source_zyx: np.ndarray, snapsh
         if labels_zyx is None:
             raise ValueError("this translator reads the VS mask: give the source's labels")
         vs_mask = np.asarray(labels_zyx) == VS
-    fake = translator.translate_volume(source, snapshot, vs_mask=vs_mask) if vs_mask is not None else \
-        translator.translate_volume(source, snapshot)
-    return np.where(head_mask(source), fake, 0.0).astype(np.float32)
+    return np.where(head_mask(source), translator.translate_volume(source, snapshot, vs_mask=vs_mask),
+                    0.0).astype(np.float32)
 
 
 def _snapshots(translator: TranslatorLike, which) -> list:

@@ -84,7 +84,7 @@ def evaluate(translator_dir: Path, paired_dir: Path, cfg: dict, snapshot=None) -
     for label_file in sorted(paired_dir.glob("*_Label.nii.gz")):
         prefix = paired_dir / label_file.name[: -len("_Label.nii.gz")]
         for cet1, hrt2, vs in crop_pair(prefix, cfg):
-            rows.append(fidelity(pipeline.translate_in_head(translator, cet1, snapshot, vs.astype(np.uint8)), hrt2, vs))
+            rows.append(fidelity(pipeline.translate_in_head(translator, cet1, snapshot, np.where(vs, VS, 0)), hrt2, vs))
             identity.append(fidelity(cet1, hrt2, vs))
     return {"translator": str(translator_dir), "snapshot": snapshot, "n_crops": len(rows),
             "fake": _mean(rows), "identity": _mean(identity)}

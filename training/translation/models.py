@@ -27,6 +27,7 @@ import itertools
 import torch
 from torch import nn
 
+from VSCochleaSegLib.labels import VS
 from VSCochleaSegLib.model_folder import NetworkSpec
 from VSCochleaSegLib.networks import build_network
 
@@ -180,7 +181,7 @@ class CycleGANSeg(TranslationModel):
 
     def forward(self, iteration: int = 0):
         cfg = self.cfg
-        features_A = self.G_A.encoder(self._with_vs(self.real_A, (self.labels_A == 1).float()))
+        features_A = self.G_A.encoder(self._with_vs(self.real_A, (self.labels_A == VS).float()))
         self.fake_B = self.G_A.decode_image(features_A)
         self.seg_real_A = self.G_A.decode_segmentation(features_A)
         features_fake_B = self.G_B.encoder(self.fake_B)
@@ -198,7 +199,7 @@ class CycleGANSeg(TranslationModel):
         vs_B = None
         if cfg.condition_on_vs and iteration >= cfg.seg_warmup_iterations:
             with torch.no_grad():
-                vs_B = torch.softmax(self.G_B.decode_segmentation(features_B).float(), dim=1)[:, 1:2]
+                vs_B = torch.softmax(self.G_B.decode_segmentation(features_B).float(), dim=1)[:, VS:VS + 1]
         self.rec_B = self.G_A(self._with_vs(self.fake_A, vs_B))
 
     def optimize_parameters(self, iteration: int) -> dict:

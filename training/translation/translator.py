@@ -125,13 +125,11 @@ class Translator:
             if extra.shape != volume01.shape:
                 raise ValueError(f"the extra channel's shape {extra.shape} differs from the volume's {volume01.shape}")
             e = torch.from_numpy(np.ascontiguousarray(extra, dtype=np.float32))
-            if self.dims == 3:
-                x = torch.stack([x, e])  # (2, z, y, x): sliding windows over both channels
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             if self.dims == 3:
                 roi = tuple(self.meta["image_size"])
-                x = x[None] if x.ndim == 4 else x[None, None]
-                out = sliding_window_inference(x.to(self.device), roi, 1, lambda t: fn(t).float(),
+                channels = x[None] if extra is None else torch.stack([x, e])  # (C, z, y, x)
+                out = sliding_window_inference(channels[None].to(self.device), roi, 1, lambda t: fn(t).float(),
                                                overlap=0.25, mode="gaussian")
                 return out[0].float().cpu().numpy()
             multiple = (multiple,) * 2 if isinstance(multiple, int) else tuple(multiple)
@@ -163,7 +161,7 @@ class Translator:
         if volume.ndim != 3:
             raise ValueError(f"expected a (z, y, x) volume, got shape {volume.shape}")
         if self.conditioned != (vs_mask is not None):
-            raise ValueError("this translator reads the VS mask: pass vs_mask=(labels == 1)" if self.conditioned
+            raise ValueError("this translator reads the VS mask: pass vs_mask=(labels == VS)" if self.conditioned
                              else "this translator does not read a VS mask (it was trained without condition_on_vs)")
         extra = None if vs_mask is None else np.asarray(vs_mask, dtype=np.float32)
         generator, centre = self._generator(snapshot), self.slab // 2  # a slab translator keeps its centre slice
