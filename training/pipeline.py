@@ -451,6 +451,16 @@ def _target_crops(run: Run) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def _tumour_augmentations(setting: dict | list) -> list[dict]:
+    """``translation.tumour_augmentation`` as a list of settings: one dict (one augmented copy per fake) or a list
+    of dicts (one copy per entry, e.g. a factor on the translated tumour and one relative to the tissue)."""
+    settings = [setting] if isinstance(setting, dict) else list(setting)
+    for a in settings:
+        if not isinstance(a, dict) or (a.get("probability", 0.0) and "factor_range" not in a):
+            raise ValueError(f"translation.tumour_augmentation entries need a factor_range (and a probability): {a!r}")
+    return settings
+
+
 def stage_translate_crops(run: Run, d: Path) -> dict:
     src = _source_cases(run)
     tcfg = run.cfg["translation"]
@@ -464,7 +474,7 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
         crops_cfg["init_weights"] = str(run.out / "translate_localiser" / "translator")
     translator = _train_translator(run, d, src_imgs, src_labs, [c for _, c in _target_crops(run)], crops_cfg)
     snaps = _snapshots(translator, tcfg.get("crop_snapshots", "all"))
-    aug = tcfg.get("tumour_augmentation", {})
+    augs = _tumour_augmentations(tcfg.get("tumour_augmentation", {}))
     rng = np.random.default_rng([run.cfg.get("seed", 0), 2])
     n_copies = int(tcfg.get("random_contrast_copies", 0))
     rng_contrast = np.random.default_rng([run.cfg.get("seed", 0), 4])
@@ -480,9 +490,11 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
                 fake = translate_in_head(translator, img, s, lab)
                 images.append(fake.astype(np.float16))
                 labels.append(lab)
-                # Extra copies with the tumour darkened or brightened: real VS intensity on hrT2 varies
-                # more than translation reproduces (CrossMoDA 2021 reports: +0.1 VS Dice).
-                if (lab == VS).any() and rng.random() < aug.get("probability", 0.0):
+                # Extra copies with the tumour darkened or brightened, one per augmentation setting: real VS
+                # intensity on hrT2 varies more than translation reproduces (CrossMoDA 2021 reports: +0.1 VS Dice).
+                for aug in augs:
+                    if not (lab == VS).any() or rng.random() >= aug.get("probability", 0.0):
+                        continue
                     augmented = augment_tumour_intensity(
                         fake, lab, rng, tuple(aug["factor_range"]), tuple(aug.get("sigma_voxels", (0.5, 1.0, 1.0))),
                         heterogeneity=float(aug.get("heterogeneity", 0.0)),
