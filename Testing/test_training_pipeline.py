@@ -648,6 +648,33 @@ def test_pipeline_fakes_every_snapshot_and_adds_tumour_augmented_copies(method_a
     assert info["random_contrast_copies"] == 2 * n_copies * len(list((out / "translate_crops" / "fake").glob("*.npz")))
 
 
+def test_a_list_of_tumour_augmentations_makes_one_copy_per_entry(method_a_run, uda_data, tmp_path):
+    """Two settings (a factor on the translated tumour, one relative to the tissue) give twice the copies of one."""
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    one = json.loads((out / "translate_crops" / "done.json").read_text(encoding="utf-8"))["info"]
+    cfg = tiny_config()
+    single = dict(cfg["translation"]["tumour_augmentation"], probability=1.0, csf_rim_probability=0.0)
+    cfg["translation"]["tumour_augmentation"] = [single, dict(single, relative_to_tissue=True, factor_range=[0.9, 2.0])]
+    for stage in ("prepare", "target_crops"):  # the finished inputs of the stage under test
+        (tmp_path / stage).symlink_to(out / stage, target_is_directory=True)
+    run = pipeline.Run(uda_data, tmp_path, cfg, backend=FakeBackend(), progress=False)
+    two = pipeline.stage_translate_crops(run, tmp_path / "translate_crops_two")
+    # the tiny config's single setting has probability 1: one copy per fake with a tumour
+    assert one["tumour_augmented_copies"] > 0 and two["tumour_augmented_copies"] == 2 * one["tumour_augmented_copies"]
+    assert two["csf_rim_copies"] == 0
+
+
+def test_tumour_augmentation_settings_need_a_factor_range():
+    from training.pipeline import _tumour_augmentations
+
+    assert _tumour_augmentations({"probability": 0.0}) == [{"probability": 0.0}]
+    assert len(_tumour_augmentations([{"probability": 1.0, "factor_range": [1, 2]}] * 2)) == 2
+    with pytest.raises(ValueError, match="factor_range"):
+        _tumour_augmentations([{"probability": 1.0}])
+
+
 def test_pseudo_labels_cover_every_located_real_hrt2_ear(method_a_run):
     out, _, _ = method_a_run
     rows = (out / "pseudo_labels" / "pseudo_labels.csv").read_text(encoding="utf-8").splitlines()
