@@ -457,7 +457,8 @@ def _tumour_augmentations(setting: dict | list) -> list[dict]:
     settings = [setting] if isinstance(setting, dict) else list(setting)
     for a in settings:
         if not isinstance(a, dict) or (a.get("probability", 0.0) and "factor_range" not in a):
-            raise ValueError(f"translation.tumour_augmentation entries need a factor_range (and a probability): {a!r}")
+            raise ValueError("each translation.tumour_augmentation setting is a dict, and one with a probability "
+                             f"needs a factor_range: {a!r}")
     return settings
 
 
@@ -486,6 +487,7 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
             continue
         images, labels = [], []
         for img, lab in arrays["crops"]:
+            has_vs = bool((lab == VS).any())
             for s in snaps:
                 fake = translate_in_head(translator, img, s, lab)
                 images.append(fake.astype(np.float16))
@@ -493,7 +495,7 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
                 # Extra copies with the tumour darkened or brightened, one per augmentation setting: real VS
                 # intensity on hrT2 varies more than translation reproduces (CrossMoDA 2021 reports: +0.1 VS Dice).
                 for aug in augs:
-                    if not (lab == VS).any() or rng.random() >= aug.get("probability", 0.0):
+                    if not has_vs or rng.random() >= aug.get("probability", 0.0):
                         continue
                     augmented = augment_tumour_intensity(
                         fake, lab, rng, tuple(aug["factor_range"]), tuple(aug.get("sigma_voxels", (0.5, 1.0, 1.0))),
