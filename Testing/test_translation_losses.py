@@ -150,3 +150,15 @@ def test_segmentation_loss_is_near_zero_for_confident_correct_logits_and_high_fo
     wrong = F.one_hot((labels[:, 0] + 1) % 3, 3).permute(0, 3, 1, 2).float() * 50
     assert float(segmentation_loss(right, labels)) < 0.01
     assert float(segmentation_loss(wrong, labels)) > 1.0
+
+
+def test_a_cycle_weight_of_zero_ignores_that_region_in_image_and_kspace():
+    a = torch.rand(2, 1, 8, 8)
+    b = a.clone()
+    b[:, :, 2:4, 3:6] += 0.7  # the two images differ only in this block
+    weight = torch.ones(2, 1, 8, 8)
+    assert float(cycle_loss(a, b, weight=weight)) == pytest.approx(float(cycle_loss(a, b)))
+    weight[:, :, 2:4, 3:6] = 0.0
+    assert float(cycle_loss(a, b, weight=weight)) == pytest.approx(0.0, abs=1e-6)
+    weight[:, :, 2:4, 3:6] = 0.5  # half the weight, half of both terms (both are linear in the difference)
+    assert float(cycle_loss(a, b, weight=weight)) == pytest.approx(0.5 * float(cycle_loss(a, b)), rel=1e-5)

@@ -323,3 +323,30 @@ def test_discriminators_can_learn_slower_than_generators():
     assert default.optimizers["D"].param_groups[0]["lr"] == 2e-4
     with pytest.raises(ValueError, match="disc_lr"):
         TranslationConfig(disc_lr=0.0)
+
+
+def test_the_tumour_can_be_left_out_of_the_source_cycle(data, tmp_path):
+    """``cycle_vs_weight``: the ceT1 → hrT2 → ceT1 cycle weighs the source VS (grown by ``cycle_vs_margin``
+    voxels in-plane) by that weight, the rest by 1; a run with it trains and logs; a weight outside [0, 1] or
+    on CUT is refused."""
+    from training.translation.models import build_model
+
+    cet1, labels, hrt2 = data
+    model = build_model(tiny_config("cyclegan_seg", cycle_vs_weight=0.0, cycle_vs_margin=1), torch.device("cpu"),
+                        torch.Generator().manual_seed(0))
+    lab = np.zeros((1, 1, 32, 32), np.int64)
+    lab[0, 0, 10:14, 10:12] = 1  # VS
+    lab[0, 0, 20, 20] = 2  # cochlea: weight 1
+    model.labels_A = torch.from_numpy(lab)
+    w = model._cycle_weight_A()[0, 0].numpy()
+    grown = np.zeros((32, 32), bool)
+    grown[9:15, 9:13] = True
+    assert (w[grown] == 0).all() and (w[~grown] == 1).all()
+    plain = build_model(tiny_config("cyclegan_seg"), torch.device("cpu"), torch.Generator().manual_seed(0))
+    plain.labels_A = model.labels_A
+    assert plain._cycle_weight_A() is None
+    train_translation(cet1, labels, hrt2, tiny_config("cyclegan_seg", cycle_vs_weight=0.2), tmp_path / "w")
+    assert len(read_log(tmp_path / "w")) == 3
+    for bad in (dict(cycle_vs_weight=1.5), dict(cycle_vs_margin=-1), dict(model="cut", cycle_vs_weight=0.5)):
+        with pytest.raises(ValueError, match="cycle_vs_weight"):
+            TranslationConfig(**{"model": "cyclegan_seg", "image_size": (32, 32), **bad})

@@ -68,6 +68,13 @@ class TranslationConfig:
     # warmed up), so it can render the tumour apart from the vessels and dura that enhance like it on ceT1.
     # Fake hrT2 is then made with the source label (``Translator.translate_volume(..., vs_mask=...)``).
     condition_on_vs: bool = False
+    # cyclegan_seg: weight of the source tumour (its VS label grown by ``cycle_vs_margin`` voxels in-plane) in the
+    # ceT1 → hrT2 → ceT1 cycle loss, image and k-space alike. 1 = CycleGAN. Below 1 the cycle no longer asks the
+    # fake hrT2 to carry the enhancing tumour's brightness back to ceT1 (hrT2 shows a VS about as grey as brain,
+    # ceT1 far brighter: to reconstruct it, G_A learns to mark the tumour, measured as a flow-void-dark fake VS);
+    # the discriminator alone then shapes the fake tumour.
+    cycle_vs_weight: float = 1.0
+    cycle_vs_margin: int = 2
     # CUT / CutSeg
     weight_nce: float = 1.0
     nce_identity: bool = True
@@ -115,6 +122,11 @@ class TranslationConfig:
                              f"not {self.seg_grad_scale}")
         if self.condition_on_vs and (self.model != "cyclegan_seg" or self.slab_slices != 1):
             raise ValueError("condition_on_vs needs model cyclegan_seg with slab_slices 1; set condition_on_vs to false")
+        if not 0.0 <= self.cycle_vs_weight <= 1.0 or self.cycle_vs_margin < 0:
+            raise ValueError(f"cycle_vs_weight must lie in [0, 1] and cycle_vs_margin be ≥ 0 voxels, not "
+                             f"{self.cycle_vs_weight} and {self.cycle_vs_margin}")
+        if self.cycle_vs_weight != 1.0 and self.model != "cyclegan_seg":
+            raise ValueError("cycle_vs_weight applies to model cyclegan_seg only; set it to 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
         if any(i < 0 or i > self.levels + 1 for i in self.nce_layers):

@@ -55,8 +55,15 @@ def kspace_l1(reconstruction: torch.Tensor, original: torch.Tensor, mode: str = 
     raise ValueError(f"mode must be complex or magnitude, not {mode!r}")
 
 
-def cycle_loss(reconstruction: torch.Tensor, original: torch.Tensor, kspace: str = "complex") -> torch.Tensor:
-    """Image-space L1 plus (unless ``kspace="none"``) k-space L1 between a cycle's reconstruction and its input."""
+def cycle_loss(reconstruction: torch.Tensor, original: torch.Tensor, kspace: str = "complex",
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Image-space L1 plus (unless ``kspace="none"``) k-space L1 between a cycle's reconstruction and its input.
+
+    ``weight`` (broadcastable to the images, values in [0, 1]) multiplies both images before either term, so a
+    region of weight 0 (e.g. the tumour, ``TranslationConfig.cycle_vs_weight``) does not count at all.
+    """
+    if weight is not None:
+        reconstruction, original = reconstruction.float() * weight, original.float() * weight
     loss = image_l1(reconstruction, original)
     if kspace != "none":
         loss = loss + kspace_l1(reconstruction, original, kspace)

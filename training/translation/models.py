@@ -179,6 +179,20 @@ class CycleGANSeg(TranslationModel):
             return image
         return torch.cat([image, torch.zeros_like(image) if vs is None else vs.to(image.dtype)], dim=1)
 
+    def _cycle_weight_A(self) -> torch.Tensor | None:
+        """Voxel weights (B, 1, *size) of the ceT1 → hrT2 → ceT1 cycle: ``cycle_vs_weight`` on the source VS grown
+        in-plane by ``cycle_vs_margin`` voxels, 1 elsewhere; None when ``cycle_vs_weight`` is 1."""
+        cfg = self.cfg
+        if cfg.cycle_vs_weight == 1.0:
+            return None
+        vs = (self.labels_A == VS).float()
+        if cfg.cycle_vs_margin > 0:
+            k = 2 * cfg.cycle_vs_margin + 1
+            pool = nn.functional.max_pool2d if cfg.dims == 2 else nn.functional.max_pool3d
+            kernel = (k, k) if cfg.dims == 2 else (1, k, k)
+            vs = pool(vs, kernel, stride=1, padding=tuple(x // 2 for x in kernel))
+        return 1.0 - (1.0 - cfg.cycle_vs_weight) * vs
+
     def forward(self, iteration: int = 0):
         cfg = self.cfg
         features_A = self.G_A.encoder(self._with_vs(self.real_A, (self.labels_A == VS).float()))
@@ -208,7 +222,8 @@ class CycleGANSeg(TranslationModel):
             self.forward(iteration)
             _set_requires_grad([self.D_A, self.D_B], False)
             adv = lsgan_loss(self.D_A(self.fake_B), True) + lsgan_loss(self.D_B(self.fake_A), True)
-            cycle = cycle_loss(self.rec_A, self.real_A, cfg.kspace_cycle) + cycle_loss(self.rec_B, self.real_B, cfg.kspace_cycle)
+            cycle = (cycle_loss(self.rec_A, self.real_A, cfg.kspace_cycle, self._cycle_weight_A())
+                     + cycle_loss(self.rec_B, self.real_B, cfg.kspace_cycle))
             identity = torch.zeros((), device=self.device)
             if cfg.weight_identity > 0:
                 identity = (image_l1(self.G_A(self._with_vs(self.real_B, None)), self.real_B)
