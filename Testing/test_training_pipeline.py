@@ -675,6 +675,28 @@ def test_tumour_augmentation_settings_need_a_factor_range():
         _tumour_augmentations([{"probability": 1.0}])
 
 
+def test_self_training_can_give_fake_tumours_the_grey_levels_of_pseudo_labelled_real_ones():
+    from training.pipeline import _match_fake_tumours, _real_tumour_references
+
+    real = np.full((4, 16, 16), 0.9, np.float32)  # bright CSF around a grey real tumour
+    real_lab = np.zeros(real.shape, np.uint8)
+    real_lab[1:3, 4:12, 4:12] = 1
+    real[real_lab == 1] = 0.45
+    small = np.zeros(real.shape, np.uint8)
+    small[2, 2, 2] = 1  # a pseudo-tumour under min_vs_voxels is no reference
+    refs = _real_tumour_references([(real, real_lab), (real, small)], {"min_vs_voxels": 50})
+    assert len(refs) == 1 and np.allclose(refs[0], 0.45)
+    fake = np.full(real.shape, 0.5, np.float16)
+    fake[real_lab == 1] = 0.1  # the translator's dark tumour
+    no_vs = np.zeros(real.shape, np.uint8)
+    out = _match_fake_tumours([(fake, real_lab), (fake, no_vs)], refs, {"probability": 1.0}, seed=0)
+    assert np.allclose(out[0][0][real_lab == 1], 0.45, atol=2e-3) and out[0][0].dtype == np.float16
+    assert np.array_equal(out[1][0], fake) and out[0][1] is real_lab  # no tumour: unchanged; labels kept
+    assert np.all(fake[real_lab == 1] == np.float16(0.1))  # the caller's crops are not modified
+    untouched = _match_fake_tumours([(fake, real_lab)], refs, {"probability": 0.0}, seed=0)
+    assert np.array_equal(untouched[0][0], fake)
+
+
 def test_pseudo_labels_cover_every_located_real_hrt2_ear(method_a_run):
     out, _, _ = method_a_run
     rows = (out / "pseudo_labels" / "pseudo_labels.csv").read_text(encoding="utf-8").splitlines()

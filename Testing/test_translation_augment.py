@@ -9,7 +9,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
 
-from training.translation.augment import add_csf_rim, augment_tumour_intensity  # noqa: E402
+from training.translation.augment import add_csf_rim, augment_tumour_intensity, match_tumour_intensity  # noqa: E402
 
 
 def scene():
@@ -112,3 +112,32 @@ def test_relative_factor_sets_the_tumour_against_the_other_tissue_whatever_its_t
         out = augment_tumour_intensity(image, labels, np.random.default_rng(0), factor_range=(1.5, 1.5),
                                        relative_to_tissue=True)
         assert np.isclose(out[8, 10, 10], 0.9, atol=1e-3)  # 1.5 × the 0.6 of the rest of the volume
+
+
+def test_matching_gives_the_tumour_core_the_reference_grey_levels_and_keeps_its_texture_order():
+    image, labels = scene()
+    rng = np.random.default_rng(0)
+    image[labels == 1] = rng.uniform(0.05, 0.15, int((labels == 1).sum()))  # a dark, noisy fake tumour
+    reference = np.linspace(0.4, 0.6, 1001)  # a real tumour: grey, 0.4 to 0.6
+    out = match_tumour_intensity(image, labels, reference, np.random.default_rng(1))
+    core = (slice(6, 10), slice(8, 12), slice(8, 12))  # deep inside: the smoothed mask's weight is ~1
+    assert 0.4 - 1e-3 <= out[core].min() and out[core].max() <= 0.6 + 1e-3
+    assert abs(np.median(out[labels == 1]) - 0.5) < 0.03
+    # the texture's ranks stay: the darkest fake voxel of the core is still the darkest
+    assert np.argmin(out[core]) == np.argmin(image[core])
+    assert np.array_equal(out[:, 20:, :], image[:, 20:, :])  # far from the tumour nothing changes
+    assert np.array_equal(out[labels == 0][:10], image[labels == 0][:10])
+
+
+def test_matching_scale_and_edge_cases():
+    image, labels = scene()
+    out = match_tumour_intensity(image, labels, np.full(50, 0.5), np.random.default_rng(0), scale_range=(2.0, 2.0))
+    assert np.allclose(out[8, 10, 10], 1.0, atol=1e-3)
+    no_tumour = np.where(labels == 1, 0, labels)
+    assert np.array_equal(match_tumour_intensity(image, no_tumour, np.full(5, 0.5), np.random.default_rng(0)), image)
+    try:
+        match_tumour_intensity(image, labels, np.zeros(0), np.random.default_rng(0))
+    except ValueError as e:
+        assert "reference" in str(e)
+    else:
+        raise AssertionError("an empty reference must be refused")

@@ -67,7 +67,7 @@ from .pseudo_labels import EnsembleMember, PseudoLabelConfig, pseudo_label_crops
 from .segmentation import TrainConfig, dice_per_class, train_network
 from .synthetic_tumours import SyntheticTumourConfig, synthetic_tumour_crops, tumour_shapes
 from .train_supervised import _UNSET_SHA256, _localiser_spec, _prepare_one
-from .translation.augment import add_csf_rim, augment_tumour_intensity
+from .translation.augment import add_csf_rim, augment_tumour_intensity, match_tumour_intensity
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -668,11 +668,37 @@ def _pseudo_arrays(folder: Path) -> list:
         return list(zip(z["images"], z["labels"])) if z["images"].ndim == 4 else []
 
 
+def _real_tumour_references(pseudo: list, setting: dict) -> list[np.ndarray]:
+    """The voxel values of every pseudo-labelled tumour of at least ``setting["min_vs_voxels"]`` voxels (default
+    100), one array per crop: how tumours look on the real hrT2, as far as the pseudo-labels know."""
+    min_voxels = int(setting.get("min_vs_voxels", 100))
+    refs = [np.asarray(img, np.float32)[lab == VS] for img, lab in pseudo]
+    return [r for r in refs if r.size >= min_voxels]
+
+
+def _match_fake_tumours(labelled: list, references: list[np.ndarray], setting: dict, seed: int) -> list:
+    """``self_training.fake_vs_match``: in a share ``probability`` (default 1) of the fake (image, label) crops with a
+    tumour, the tumour takes the grey levels of a randomly drawn real pseudo-labelled one
+    (``translation.augment.match_tumour_intensity``, ``scale_range`` default [1, 1]). Returns a new list."""
+    rng = np.random.default_rng([seed, 7])
+    probability = float(setting.get("probability", 1.0))
+    scale_range = tuple(setting.get("scale_range", (1.0, 1.0)))
+    out = []
+    for img, lab in labelled:
+        if (lab == VS).any() and rng.random() < probability:
+            ref = references[int(rng.integers(len(references)))]
+            img = match_tumour_intensity(img, lab, ref, rng, scale_range).astype(np.float16)
+        out.append((img, lab))
+    return out
+
+
 def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, st: dict) -> dict:
     """One self-training round: every member trained again in ``d`` on fake hrT2 + ``pseudo`` [(image, label)]
     (repeated so they make ``pseudo_fraction`` of the draws); with ``warm_start`` fine-tuned from its weights in
     ``init_dir``. Returns the ``_train_members`` record."""
     share = float(st.get("pseudo_fraction", 0.5))
+    match = st.get("fake_vs_match")
+    references = _real_tumour_references(pseudo, match) if match else []  # real pseudo-labels only, not drawn ones
     synth = SyntheticTumourConfig(**{"seed": run.cfg.get("seed", 0), **st.get("synthetic_tumours", {})})
     if synth.copies_per_free_crop > 0:
         # Tumours of the ceT1 labels drawn into the real hrT2 ears the pseudo-labels call tumour-free
@@ -682,7 +708,15 @@ def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, s
                                spacing_zyx, synth.max_distance_to_cochlea_mm)
         pseudo = list(pseudo) + synthetic_tumour_crops(pseudo, shapes, synth)
 
+    matched = {}  # every member of a fold trains on the same fakes: match them once
+
     def mix(labelled):
+        if references:
+            key = tuple(id(img) for img, _ in labelled)
+            if key not in matched:
+                matched.clear()
+                matched[key] = _match_fake_tumours(labelled, references, match, run.cfg.get("seed", 0))
+            labelled = matched[key]
         if not pseudo or share <= 0:
             return labelled
         reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))

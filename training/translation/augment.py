@@ -104,3 +104,46 @@ def add_csf_rim(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng: np.random.Ge
     weight = gaussian_filter(rim.astype(np.float32), sigma_voxels) * ~mask
     bright = np.float32(np.percentile(image, brightness_percentile) * rng.uniform(*brightness_range))
     return image + weight * np.maximum(bright - image, 0.0)
+
+
+def match_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, reference_values: np.ndarray,
+                           rng: np.random.Generator, scale_range=(1.0, 1.0), sigma_voxels=(0.5, 1.0, 1.0),
+                           label: int = VS) -> np.ndarray:
+    """Give the ``label`` region of a fake crop the intensity distribution of a real tumour.
+
+    Self-training knows, from the pseudo-labels, how tumours look on the *real* hrT2 (``reference_values``: the
+    engine-normalised voxel values of one pseudo-labelled tumour), which a translator trained for a few hundred
+    iterations does not render (it draws the enhancing ceT1 tumour as dark as a flow void). Each tumour voxel's
+    rank within its own region is mapped to that quantile of ``reference_values`` (so the fake's texture pattern
+    stays and the grey levels become the real tumour's), times one random factor uniform in ``scale_range``. The
+    region is replaced in full; just outside it the image is blended towards the new tumour median through the
+    Gaussian-smoothed mask (``sigma_voxels``, scalar or (z, y, x); weight ≤ ½ there): a partial-volume edge
+    rather than a hard step a network could key on. Arrays (z, y, x); returns a new float32 image (an unchanged
+    copy when there is no tumour).
+    """
+    image = np.asarray(image_zyx, dtype=np.float32)
+    labels = np.asarray(labels_zyx)
+    if labels.shape != image.shape:
+        raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
+    reference = np.asarray(reference_values, dtype=np.float32).ravel()
+    if reference.size == 0:
+        raise ValueError("no reference tumour voxels to match the fake tumour to")
+    mask = labels == label
+    if not mask.any():
+        return image.copy()
+    values = image[mask]
+    ranks = (np.argsort(np.argsort(values, kind="stable"), kind="stable") + 0.5) / values.size
+    reference = np.sort(reference)  # the quantiles by interpolation: np.quantile with one q per voxel is ~100× slower
+    quantiles = np.interp(ranks * (reference.size - 1), np.arange(reference.size), reference)
+    new_values = quantiles.astype(np.float32) * np.float32(rng.uniform(*scale_range))
+    # The edge blend only reaches a few σ beyond the tumour: work in its bounding box (crops are ~700k voxels).
+    sigma = np.broadcast_to(np.asarray(sigma_voxels, np.float32), (image.ndim,))
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - np.ceil(4 * sigma).astype(int) - 1, 0)
+    hi = np.minimum(idx.max(0) + np.ceil(4 * sigma).astype(int) + 2, image.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    weight = gaussian_filter(mask[box].astype(np.float32), sigma)
+    out = image.copy()
+    out[box] += weight * (np.float32(np.median(new_values)) - image[box])
+    out[mask] = new_values
+    return out
