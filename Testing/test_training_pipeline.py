@@ -685,7 +685,7 @@ def test_self_training_can_give_fake_tumours_the_grey_levels_of_pseudo_labelled_
     small = np.zeros(real.shape, np.uint8)
     small[2, 2, 2] = 1  # a pseudo-tumour under min_vs_voxels is no reference
     refs = _real_tumour_references([(real, real_lab), (real, small)], {"min_vs_voxels": 50})
-    assert len(refs) == 1 and np.allclose(refs[0], 0.45)
+    assert len(refs) == 1 and np.allclose(refs[0][0], 0.45) and refs[0][1] is None
     fake = np.full(real.shape, 0.5, np.float16)
     fake[real_lab == 1] = 0.1  # the translator's dark tumour
     no_vs = np.zeros(real.shape, np.uint8)
@@ -695,6 +695,11 @@ def test_self_training_can_give_fake_tumours_the_grey_levels_of_pseudo_labelled_
     assert np.all(fake[real_lab == 1] == np.float16(0.1))  # the caller's crops are not modified
     untouched = _match_fake_tumours([(fake, real_lab)], refs, {"probability": 0.0}, seed=0)
     assert np.array_equal(untouched[0][0], fake)
+    # with ring_voxels, the fake tumour's grey surroundings take the real tumour's bright CSF surroundings too
+    ringed = _real_tumour_references([(real, real_lab)], {"ring_voxels": 2})
+    assert np.allclose(ringed[0][1], 0.9)
+    out = _match_fake_tumours([(fake, real_lab)], ringed, {"ring_voxels": 2}, seed=0)
+    assert out[0][0][1, 8, 13] > 0.85 and out[0][0][1, 8, 15] < 0.55  # the ring bright, beyond it the fake grey
 
 
 def test_pseudo_labels_cover_every_located_real_hrt2_ear(method_a_run):

@@ -6,10 +6,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
 
-from training.translation.augment import add_csf_rim, augment_tumour_intensity, match_tumour_intensity  # noqa: E402
+from training.translation.augment import (  # noqa: E402
+    add_csf_rim, augment_tumour_intensity, match_ring_intensity, match_tumour_intensity, tumour_ring,
+)
 
 
 def scene():
@@ -141,3 +144,26 @@ def test_matching_scale_and_edge_cases():
         assert "reference" in str(e)
     else:
         raise AssertionError("an empty reference must be refused")
+
+
+def test_tumour_ring_is_in_plane_and_excludes_the_tumour():
+    _, labels = scene()
+    mask = labels == 1
+    ring = tumour_ring(mask, 2)
+    assert not (ring & mask).any()
+    assert ring[8, 10, 3] and ring[8, 10, 16] and not ring[8, 10, 17]  # 2 voxels beyond the cube's x faces
+    assert not ring[2].any() and not ring[13].any()  # nothing above or below the tumour's slices
+
+
+def test_ring_matching_gives_the_surroundings_the_real_grey_levels_in_their_own_order():
+    image, labels = scene()  # tissue 0.6 everywhere
+    image[:, :, :10] = 0.1  # a dark wall on one side of the tumour (x < 10), grey fluid on the other
+    image[labels == 1] = 0.3
+    real_ring = np.concatenate([np.full(500, 0.02), np.full(500, 0.95)])  # real: black bone, bright CSF
+    out = match_ring_intensity(image, labels, real_ring, width_voxels=3)
+    assert np.isclose(out[8, 10, 16], 0.95, atol=0.02)  # grey fluid next to the tumour becomes CSF-bright
+    assert out[8, 25, 2] == image[8, 25, 2] and out[8, 25, 25] == image[8, 25, 25]  # far away: unchanged
+    assert np.isclose(out[8, 3, 8], 0.02, atol=0.02)  # the wall stays the darkest
+    assert np.array_equal(out[labels == 1], image[labels == 1])  # the tumour itself is not touched
+    with pytest.raises(ValueError, match="ring"):
+        match_ring_intensity(image, labels, np.zeros(0))

@@ -67,7 +67,9 @@ from .pseudo_labels import EnsembleMember, PseudoLabelConfig, pseudo_label_crops
 from .segmentation import TrainConfig, dice_per_class, train_network
 from .synthetic_tumours import SyntheticTumourConfig, synthetic_tumour_crops, tumour_shapes
 from .train_supervised import _UNSET_SHA256, _localiser_spec, _prepare_one
-from .translation.augment import add_csf_rim, augment_tumour_intensity, match_tumour_intensity
+from .translation.augment import (
+    add_csf_rim, augment_tumour_intensity, match_ring_intensity, match_tumour_intensity, tumour_ring,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -668,26 +670,36 @@ def _pseudo_arrays(folder: Path) -> list:
         return list(zip(z["images"], z["labels"])) if z["images"].ndim == 4 else []
 
 
-def _real_tumour_references(pseudo: list, setting: dict) -> list[np.ndarray]:
-    """The voxel values of every pseudo-labelled tumour of at least ``setting["min_vs_voxels"]`` voxels (default
-    100), one array per crop: how tumours look on the real hrT2, as far as the pseudo-labels know."""
-    min_voxels = int(setting.get("min_vs_voxels", 100))
-    refs = [np.asarray(img, np.float32)[lab == VS] for img, lab in pseudo]
-    return [r for r in refs if r.size >= min_voxels]
+def _real_tumour_references(pseudo: list, setting: dict) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """How tumours look on the real hrT2, as far as the pseudo-labels know: for every pseudo-labelled tumour of at
+    least ``setting["min_vs_voxels"]`` voxels (default 100), its voxel values and — with ``ring_voxels`` > 0 — the
+    values of the in-plane ring of that width around it (``translation.augment.tumour_ring``), else None."""
+    min_voxels, ring_voxels = int(setting.get("min_vs_voxels", 100)), int(setting.get("ring_voxels", 0))
+    out = []
+    for img, lab in pseudo:
+        vs = np.asarray(lab) == VS
+        if vs.sum() >= min_voxels:
+            img = np.asarray(img, np.float32)
+            out.append((img[vs], img[tumour_ring(vs, ring_voxels)] if ring_voxels > 0 else None))
+    return out
 
 
-def _match_fake_tumours(labelled: list, references: list[np.ndarray], setting: dict, seed: int) -> list:
+def _match_fake_tumours(labelled: list, references: list, setting: dict, seed: int) -> list:
     """``self_training.fake_vs_match``: in a share ``probability`` (default 1) of the fake (image, label) crops with a
     tumour, the tumour takes the grey levels of a randomly drawn real pseudo-labelled one
-    (``translation.augment.match_tumour_intensity``, ``scale_range`` default [1, 1]). Returns a new list."""
+    (``translation.augment.match_tumour_intensity``, ``scale_range`` default [1, 1]) and, with ``ring_voxels`` > 0,
+    its surroundings those of the same real tumour's (``match_ring_intensity``). Returns a new list."""
     rng = np.random.default_rng([seed, 7])
     probability = float(setting.get("probability", 1.0))
     scale_range = tuple(setting.get("scale_range", (1.0, 1.0)))
+    ring_voxels = int(setting.get("ring_voxels", 0))
     out = []
     for img, lab in labelled:
         if (lab == VS).any() and rng.random() < probability:
-            ref = references[int(rng.integers(len(references)))]
-            img = match_tumour_intensity(img, lab, ref, rng, scale_range).astype(np.float16)
+            vs_values, ring_values = references[int(rng.integers(len(references)))]
+            if ring_values is not None:
+                img = match_ring_intensity(img, lab, ring_values, ring_voxels)
+            img = match_tumour_intensity(img, lab, vs_values, rng, scale_range).astype(np.float16)
         out.append((img, lab))
     return out
 

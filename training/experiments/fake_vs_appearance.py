@@ -24,9 +24,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import binary_dilation
 
 from training.experiments.target_truth import target_crops_with_truth
+from training.translation.augment import tumour_ring
 
 BRIGHT = 0.6  # engine-normalised intensity above which a voxel counts as CSF-bright
 RING_VOXELS = 3  # in-plane dilation of the ring (0.5 mm voxels: 1.5 mm)
@@ -35,9 +35,7 @@ RING_VOXELS = 3  # in-plane dilation of the ring (0.5 mm voxels: 1.5 mm)
 def ring_stats(image_zyx: np.ndarray, vs_zyx: np.ndarray, width: int = RING_VOXELS) -> dict:
     """VS and ring statistics of one crop. ``image_zyx`` float (z, y, x); ``vs_zyx`` boolean, same shape, not empty."""
     vs = np.asarray(vs_zyx, bool)
-    structure = np.zeros((1, 2 * width + 1, 2 * width + 1), bool)
-    structure[0] = True
-    ring = binary_dilation(vs, structure) & ~vs
+    ring = tumour_ring(vs, width)
     img = np.asarray(image_zyx, np.float32)
     vs_median, ring_median = float(np.median(img[vs])), float(np.median(img[ring]))
     return {"vs_median": vs_median, "ring_median": ring_median, "ring_bright_share": float(np.mean(img[ring] > BRIGHT)),

@@ -106,6 +106,17 @@ def add_csf_rim(image_zyx: np.ndarray, labels_zyx: np.ndarray, rng: np.random.Ge
     return image + weight * np.maximum(bright - image, 0.0)
 
 
+def _box_around(mask: np.ndarray, sigma_voxels, extra_voxels=0) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` grown by ``extra_voxels`` plus the reach of a Gaussian blur of ``sigma_voxels``
+    (scipy truncates at 4 σ): an edit blended through the blurred mask changes nothing outside it, so the blur can
+    run on the box alone (crops are ~700k voxels, a tumour's box a few thousand)."""
+    sigma = np.broadcast_to(np.asarray(sigma_voxels, np.float32), (mask.ndim,))
+    margin = np.ceil(4 * sigma).astype(int) + 1 + np.asarray(extra_voxels, int)
+    idx = np.argwhere(mask)
+    lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + margin + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def match_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, reference_values: np.ndarray,
                            rng: np.random.Generator, scale_range=(1.0, 1.0), sigma_voxels=(0.5, 1.0, 1.0),
                            label: int = VS) -> np.ndarray:
@@ -136,14 +147,52 @@ def match_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, refere
     reference = np.sort(reference)  # the quantiles by interpolation: np.quantile with one q per voxel is ~100× slower
     quantiles = np.interp(ranks * (reference.size - 1), np.arange(reference.size), reference)
     new_values = quantiles.astype(np.float32) * np.float32(rng.uniform(*scale_range))
-    # The edge blend only reaches a few σ beyond the tumour: work in its bounding box (crops are ~700k voxels).
-    sigma = np.broadcast_to(np.asarray(sigma_voxels, np.float32), (image.ndim,))
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - np.ceil(4 * sigma).astype(int) - 1, 0)
-    hi = np.minimum(idx.max(0) + np.ceil(4 * sigma).astype(int) + 2, image.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    weight = gaussian_filter(mask[box].astype(np.float32), sigma)
+    box = _box_around(mask, sigma_voxels)
+    weight = gaussian_filter(mask[box].astype(np.float32), sigma_voxels)
     out = image.copy()
     out[box] += weight * (np.float32(np.median(new_values)) - image[box])
     out[mask] = new_values
+    return out
+
+
+def tumour_ring(mask_zyx: np.ndarray, width_voxels: int) -> np.ndarray:
+    """The in-plane ring around a boolean tumour mask (z, y, x): the mask dilated by a (2w+1)² square in each
+    slice, minus the mask — what surrounds the tumour on the axial slice (CSF, canal wall, brain)."""
+    structure = np.zeros((1, 2 * width_voxels + 1, 2 * width_voxels + 1), bool)
+    structure[0] = True
+    return binary_dilation(mask_zyx, structure) & ~mask_zyx
+
+
+def match_ring_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, ring_reference: np.ndarray,
+                         width_voxels: int = 4, sigma_voxels=(0.5, 1.0, 1.0), label: int = VS) -> np.ndarray:
+    """Give the surroundings of the ``label`` region of a fake crop the intensity distribution of a real tumour's
+    surroundings (``ring_reference``: the values of :func:`tumour_ring` around a pseudo-labelled real tumour).
+
+    On real hrT2 a tumour sits in bright CSF; a translator renders much of that CSF grey. One monotone curve maps
+    the fake ring's values to the real ring's (the fake ring's k-th quantile → the real ring's k-th), so the order
+    of the tissues stays (canal wall darkest, fluid brightest) and their grey levels become the real ones; the curve
+    is applied through the Gaussian-smoothed ring (weight 1 on it, fading out over ``sigma_voxels`` beyond), and not
+    inside the tumour itself. Arrays (z, y, x); returns a new float32 image (a copy when there is no tumour).
+    """
+    image = np.asarray(image_zyx, dtype=np.float32)
+    labels = np.asarray(labels_zyx)
+    if labels.shape != image.shape:
+        raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
+    reference = np.sort(np.asarray(ring_reference, dtype=np.float32).ravel())
+    if reference.size == 0:
+        raise ValueError("no reference ring voxels to match the fake tumour's surroundings to")
+    mask = labels == label
+    if not mask.any():
+        return image.copy()
+    box = _box_around(mask, sigma_voxels, (0, width_voxels, width_voxels))
+    inside, sub = mask[box], image[box]
+    ring = tumour_ring(inside, width_voxels)
+    fake = np.sort(sub[ring])
+    probabilities = (np.arange(fake.size) + 0.5) / fake.size
+    real = np.interp(probabilities * (reference.size - 1), np.arange(reference.size), reference)
+    fake, tie = np.unique(fake, return_inverse=True)  # tied fake values map to the mean of their real quantiles
+    real = np.bincount(tie, real) / np.bincount(tie)
+    weight = np.maximum(gaussian_filter(ring.astype(np.float32), sigma_voxels), ring) * ~inside
+    out = image.copy()
+    out[box] += weight * (np.interp(sub, fake, real).astype(np.float32) - sub)
     return out
