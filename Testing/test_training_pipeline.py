@@ -637,6 +637,15 @@ def test_the_final_model_can_also_hold_the_stage3_members_the_self_trained_ones_
     assert not all(torch.equal(self_trained[k], segment[k]) for k in segment)
 
 
+def test_self_training_records_how_many_real_tumours_the_fakes_were_matched_to(method_a_run):
+    out, _, _ = method_a_run
+    info = json.loads((out / "self_train" / "done.json").read_text(encoding="utf-8"))["info"]
+    with np.load(out / "pseudo_labels" / "pseudo_labels.npz") as z:
+        labels = z["labels"] if z["labels"].ndim == 4 else []
+    min_voxels = tiny_config()["self_training"]["fake_vs_match"].get("min_vs_voxels", 100)
+    assert info["fake_vs_match_references"] == sum(int((lab == 1).sum() >= min_voxels) for lab in labels)
+
+
 def test_pipeline_fakes_every_snapshot_and_adds_tumour_augmented_copies(method_a_run):
     out, _, _ = method_a_run
     info = json.loads((out / "translate_crops" / "done.json").read_text(encoding="utf-8"))["info"]

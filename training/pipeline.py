@@ -738,7 +738,10 @@ def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, s
         init = init_dir / f"{name}.safetensors" if st.get("warm_start", False) else None
         return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
 
-    return _train_members(run, d, mix, trainer, st.get("train"))
+    record = _train_members(run, d, mix, trainer, st.get("train"))
+    if match:  # 0: no pseudo-labelled tumour was large enough, the fakes were left as translated
+        record["fake_vs_match_references"] = len(references)
+    return record
 
 
 def stage_self_train(run: Run, d: Path) -> dict:
