@@ -698,16 +698,16 @@ def test_self_training_can_give_fake_tumours_the_grey_levels_of_pseudo_labelled_
     fake = np.full(real.shape, 0.5, np.float16)
     fake[real_lab == 1] = 0.1  # the translator's dark tumour
     no_vs = np.zeros(real.shape, np.uint8)
-    out = _match_fake_tumours([(fake, real_lab), (fake, no_vs)], refs, {"probability": 1.0}, seed=0)
+    out = _match_fake_tumours([("case", [(fake, real_lab), (fake, no_vs)])], refs, {"probability": 1.0}, seed=0)[0][1]
     assert np.allclose(out[0][0][real_lab == 1], 0.45, atol=2e-3) and out[0][0].dtype == np.float16
     assert np.array_equal(out[1][0], fake) and out[0][1] is real_lab  # no tumour: unchanged; labels kept
     assert np.all(fake[real_lab == 1] == np.float16(0.1))  # the caller's crops are not modified
-    untouched = _match_fake_tumours([(fake, real_lab)], refs, {"probability": 0.0}, seed=0)
+    untouched = _match_fake_tumours([("case", [(fake, real_lab)])], refs, {"probability": 0.0}, seed=0)[0][1]
     assert np.array_equal(untouched[0][0], fake)
     # with ring_voxels, the fake tumour's grey surroundings take the real tumour's bright CSF surroundings too
     ringed = _real_tumour_references([(real, real_lab)], {"ring_voxels": 2})
     assert np.allclose(ringed[0][1], 0.9)
-    out = _match_fake_tumours([(fake, real_lab)], ringed, {"ring_voxels": 2}, seed=0)
+    out = _match_fake_tumours([("case", [(fake, real_lab)])], ringed, {"ring_voxels": 2}, seed=0)[0][1]
     assert out[0][0][1, 8, 13] > 0.85 and out[0][0][1, 8, 15] < 0.55  # the ring bright, beyond it the fake grey
 
 

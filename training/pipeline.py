@@ -569,12 +569,13 @@ def target_cochlea_rate(net: torch.nn.Module, patch_size, crops: list, min_voxel
 
 
 def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], trainer: Callable | None = None,
-                   overrides: dict | None = None) -> dict:
+                   overrides: dict | None = None, fake: list | None = None) -> dict:
     """Train every config member on every fold, validate, select; returns the stage record. ``overrides``
-    replace training settings of every member (self-training's ``train``: e.g. fewer iterations when fine-tuning)."""
+    replace training settings of every member (self-training's ``train``: e.g. fewer iterations when fine-tuning);
+    ``fake`` replaces the stage-2 fakes ``[(case, [(image, label)])]`` (self-training's matched tumours)."""
     cfg = run.cfg
     folds = int(cfg.get("data", {}).get("folds", 1))
-    fake = _fake_crops_by_case(run)
+    fake = _fake_crops_by_case(run) if fake is None else fake
     splits = fold_split([c for c, _ in fake], folds, cfg.get("seed", 0))
     by_case = dict(fake)
     # Label-free check on the target domain: members that find no cochlea on most real hrT2 crops are left out
@@ -684,24 +685,26 @@ def _real_tumour_references(pseudo: list, setting: dict) -> list[tuple[np.ndarra
     return out
 
 
-def _match_fake_tumours(labelled: list, references: list, setting: dict, seed: int) -> list:
+def _match_fake_tumours(fake_by_case: list, references: list, setting: dict, seed: int) -> list:
     """``self_training.fake_vs_match``: in a share ``probability`` (default 1) of the fake (image, label) crops with a
     tumour, the tumour takes the grey levels of a randomly drawn real pseudo-labelled one
     (``translation.augment.match_tumour_intensity``, ``scale_range`` default [1, 1]) and, with ``ring_voxels`` > 0,
-    its surroundings those of the same real tumour's (``match_ring_intensity``). Returns a new list."""
+    its surroundings those of the same real tumour's (``match_ring_intensity``). ``fake_by_case`` is
+    ``[(case, [(image, label)])]`` as ``_fake_crops_by_case`` returns it; returns a new list of that shape."""
     rng = np.random.default_rng([seed, 7])
     probability = float(setting.get("probability", 1.0))
     scale_range = tuple(setting.get("scale_range", (1.0, 1.0)))
     ring_voxels = int(setting.get("ring_voxels", 0))
-    out = []
-    for img, lab in labelled:
+
+    def match(img, lab):
         if (lab == VS).any() and rng.random() < probability:
             vs_values, ring_values = references[int(rng.integers(len(references)))]
             if ring_values is not None:
                 img = match_ring_intensity(img, lab, ring_values, ring_voxels)
             img = match_tumour_intensity(img, lab, vs_values, rng, scale_range).astype(np.float16)
-        out.append((img, lab))
-    return out
+        return img, lab
+
+    return [(case, [match(img, lab) for img, lab in crops]) for case, crops in fake_by_case]
 
 
 def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, st: dict) -> dict:
@@ -720,15 +723,11 @@ def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, s
                                spacing_zyx, synth.max_distance_to_cochlea_mm)
         pseudo = list(pseudo) + synthetic_tumour_crops(pseudo, shapes, synth)
 
-    matched = {}  # every member of a fold trains on the same fakes: match them once
+    # Matched once, for every member and fold.
+    fake = (_match_fake_tumours(_fake_crops_by_case(run), references, match, run.cfg.get("seed", 0))
+            if references else None)
 
     def mix(labelled):
-        if references:
-            key = tuple(id(img) for img, _ in labelled)
-            if key not in matched:
-                matched.clear()
-                matched[key] = _match_fake_tumours(labelled, references, match, run.cfg.get("seed", 0))
-            labelled = matched[key]
         if not pseudo or share <= 0:
             return labelled
         reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))
@@ -738,7 +737,7 @@ def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, s
         init = init_dir / f"{name}.safetensors" if st.get("warm_start", False) else None
         return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
 
-    record = _train_members(run, d, mix, trainer, st.get("train"))
+    record = _train_members(run, d, mix, trainer, st.get("train"), fake)
     if match:  # 0: no pseudo-labelled tumour was large enough, the fakes were left as translated
         record["fake_vs_match_references"] = len(references)
     return record

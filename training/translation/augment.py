@@ -117,6 +117,24 @@ def _box_around(mask: np.ndarray, sigma_voxels, extra_voxels=0) -> tuple[slice, 
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def _quantiles(sorted_values: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """``np.quantile(sorted_values, probabilities)`` (linear) by interpolation on already sorted values: with one
+    probability per voxel, ``np.quantile`` is ~100× slower."""
+    return np.interp(probabilities * (sorted_values.size - 1), np.arange(sorted_values.size), sorted_values)
+
+
+def _image_mask_reference(image_zyx, labels_zyx, reference_values, label: int, what: str):
+    """The shared checks of the matching functions: (float32 image, boolean ``label`` mask, sorted float32 reference)."""
+    image = np.asarray(image_zyx, dtype=np.float32)
+    labels = np.asarray(labels_zyx)
+    if labels.shape != image.shape:
+        raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
+    reference = np.sort(np.asarray(reference_values, dtype=np.float32).ravel())
+    if reference.size == 0:
+        raise ValueError(f"no reference {what} voxels to match the fake {what} to")
+    return image, labels == label, reference
+
+
 def match_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, reference_values: np.ndarray,
                            rng: np.random.Generator, scale_range=(1.0, 1.0), sigma_voxels=(0.5, 1.0, 1.0),
                            label: int = VS) -> np.ndarray:
@@ -132,21 +150,12 @@ def match_tumour_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, refere
     rather than a hard step a network could key on. Arrays (z, y, x); returns a new float32 image (an unchanged
     copy when there is no tumour).
     """
-    image = np.asarray(image_zyx, dtype=np.float32)
-    labels = np.asarray(labels_zyx)
-    if labels.shape != image.shape:
-        raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
-    reference = np.asarray(reference_values, dtype=np.float32).ravel()
-    if reference.size == 0:
-        raise ValueError("no reference tumour voxels to match the fake tumour to")
-    mask = labels == label
+    image, mask, reference = _image_mask_reference(image_zyx, labels_zyx, reference_values, label, "tumour")
     if not mask.any():
         return image.copy()
     values = image[mask]
     ranks = (np.argsort(np.argsort(values, kind="stable"), kind="stable") + 0.5) / values.size
-    reference = np.sort(reference)  # the quantiles by interpolation: np.quantile with one q per voxel is ~100× slower
-    quantiles = np.interp(ranks * (reference.size - 1), np.arange(reference.size), reference)
-    new_values = quantiles.astype(np.float32) * np.float32(rng.uniform(*scale_range))
+    new_values = _quantiles(reference, ranks).astype(np.float32) * np.float32(rng.uniform(*scale_range))
     box = _box_around(mask, sigma_voxels)
     weight = gaussian_filter(mask[box].astype(np.float32), sigma_voxels)
     out = image.copy()
@@ -174,22 +183,14 @@ def match_ring_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, ring_ref
     is applied through the Gaussian-smoothed ring (weight 1 on it, fading out over ``sigma_voxels`` beyond), and not
     inside the tumour itself. Arrays (z, y, x); returns a new float32 image (a copy when there is no tumour).
     """
-    image = np.asarray(image_zyx, dtype=np.float32)
-    labels = np.asarray(labels_zyx)
-    if labels.shape != image.shape:
-        raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
-    reference = np.sort(np.asarray(ring_reference, dtype=np.float32).ravel())
-    if reference.size == 0:
-        raise ValueError("no reference ring voxels to match the fake tumour's surroundings to")
-    mask = labels == label
+    image, mask, reference = _image_mask_reference(image_zyx, labels_zyx, ring_reference, label, "ring")
     if not mask.any():
         return image.copy()
     box = _box_around(mask, sigma_voxels, (0, width_voxels, width_voxels))
     inside, sub = mask[box], image[box]
     ring = tumour_ring(inside, width_voxels)
     fake = np.sort(sub[ring])
-    probabilities = (np.arange(fake.size) + 0.5) / fake.size
-    real = np.interp(probabilities * (reference.size - 1), np.arange(reference.size), reference)
+    real = _quantiles(reference, (np.arange(fake.size) + 0.5) / fake.size)
     fake, tie = np.unique(fake, return_inverse=True)  # tied fake values map to the mean of their real quantiles
     real = np.bincount(tie, real) / np.bincount(tie)
     weight = np.maximum(gaussian_filter(ring.astype(np.float32), sigma_voxels), ring) * ~inside
