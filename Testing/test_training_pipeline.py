@@ -709,6 +709,22 @@ def test_self_training_can_give_fake_tumours_the_grey_levels_of_pseudo_labelled_
     assert np.allclose(ringed[0][1], 0.9)
     out = _match_fake_tumours([("case", [(fake, real_lab)])], ringed, {"ring_voxels": 2}, seed=0)[0][1]
     assert out[0][0][1, 8, 13] > 0.85 and out[0][0][1, 8, 15] < 0.55  # the ring bright, beyond it the fake grey
+    # with context, the rest of every fake crop (tumour-free ones too) takes the same real crop's grey levels
+    ctx = _real_tumour_references([(real, real_lab)], {"context": True})
+    assert np.allclose(ctx[0][2], 0.9) and ctx[0][2].size == int((real_lab != 1).sum())
+    out = _match_fake_tumours([("case", [(fake, real_lab), (fake, no_vs)])], ctx, {"context": True}, seed=0)[0][1]
+    assert np.allclose(out[0][0][:, :, 14:], 0.9, atol=2e-3)  # beyond the tumour's partial-volume edge
+    assert np.allclose(out[1][0], 0.9, atol=2e-3)
+    assert np.allclose(out[0][0][real_lab == 1], 0.45, atol=2e-3)
+    # with cochlea, the fake cochlea (tumour-free crops too) takes the grey levels of the same real crop's cochlea
+    real_lab[2, 13:15, 13:15] = 2
+    real[real_lab == 2] = 0.95
+    coch = _real_tumour_references([(real, real_lab)], {"cochlea": True, "min_cochlea_voxels": 4})
+    assert np.allclose(coch[0][3], 0.95) and coch[0][2] is None
+    assert _real_tumour_references([(real, real_lab)], {"cochlea": True})[0][3] is None  # under 20 voxels: no reference
+    fake_lab = np.where(real_lab == 1, 0, real_lab)
+    out = _match_fake_tumours([("case", [(fake, fake_lab)])], coch, {"cochlea": True}, seed=0)[0][1]
+    assert np.allclose(out[0][0][fake_lab == 2], 0.95, atol=2e-3) and np.allclose(out[0][0][:, :3, :3], 0.5)
 
 
 def test_pseudo_labels_cover_every_located_real_hrt2_ear(method_a_run):
@@ -916,16 +932,17 @@ def test_a_second_self_training_round_relabels_with_the_first_rounds_members_and
         os.symlink(out / stage, tmp_path / stage)
     cfg = tiny_config()
     cfg["self_training"] = {"mode": "pseudo_labels", "warm_start": True, "rounds": 2,
-                            "train": {"iterations": 1, "learning_rate": 0.01}}
-    starts, labellers = [], []
+                            "train": {"iterations": 1, "learning_rate": 0.01}, "relabel": {"vs_grow_mm": 0.0}}
+    starts, labellers, relabel = [], [], []
     real_load = segmentation.load_initial_weights
     monkeypatch.setattr(segmentation, "load_initial_weights",
                         lambda net, path: (starts.append(path.relative_to(tmp_path).as_posix()), real_load(net, path)))
     real_make = pipeline.make_pseudo_labels
 
-    def spy(run, selected, d):
+    def spy(run, selected, d, overrides=None):
         labellers.append(sorted(m["path"].relative_to(tmp_path).as_posix() for m in selected))
-        return real_make(run, selected, d)
+        relabel.append(overrides)
+        return real_make(run, selected, d, overrides)
 
     monkeypatch.setattr(pipeline, "make_pseudo_labels", spy)
     run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
@@ -934,7 +951,7 @@ def test_a_second_self_training_round_relabels_with_the_first_rounds_members_and
     round1 = [f"self_train/round1/{n}.safetensors" for n in names]
     assert starts == [f"segment/{n}.safetensors" for n in names] + round1
     selected = sorted(f"self_train/round1/{r['name']}.safetensors" for r in info["round1_members"] if r["selected"])
-    assert labellers == [selected] and selected
+    assert labellers == [selected] and selected and relabel == [{"vs_grow_mm": 0.0}]
     assert (tmp_path / "self_train" / "round2_pseudo_labels" / "pseudo_labels.npz").is_file()
     assert [r["name"] for r in info["members"]] == names and info["round2_pseudo_labels"]["n_crops"] == 4
     for n in names:  # the exported (last-round) weights moved on from round 1's

@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds training/
 
 from training.translation.augment import (  # noqa: E402
-    add_csf_rim, augment_tumour_intensity, match_ring_intensity, match_tumour_intensity, tumour_ring,
+    add_csf_rim, augment_tumour_intensity, match_context_intensity, match_ring_intensity, match_tumour_intensity,
+    tumour_ring,
 )
 
 
@@ -167,3 +168,24 @@ def test_ring_matching_gives_the_surroundings_the_real_grey_levels_in_their_own_
     assert np.array_equal(out[labels == 1], image[labels == 1])  # the tumour itself is not touched
     with pytest.raises(ValueError, match="ring"):
         match_ring_intensity(image, labels, np.zeros(0))
+
+
+def test_context_matching_gives_the_rest_of_the_crop_the_real_histogram_in_its_own_order():
+    image, labels = scene()
+    rng = np.random.default_rng(0)
+    image[:] = rng.uniform(0.3, 0.7, image.shape).astype(np.float16)  # a fake's narrow grey range, float16 ties
+    image[labels == 1] = 0.2
+    real = rng.normal(0.3, 0.1, 5000) ** 2 * 5  # a real crop: skewed, another range
+    out = match_context_intensity(image, labels, real)
+    outside = labels != 1
+    assert np.array_equal(out[~outside], image[~outside])  # the tumour is left to match_tumour_intensity
+    probs = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
+    assert np.allclose(np.quantile(out[outside], probs), np.quantile(real, probs), atol=0.02)
+    # one monotone curve: order kept, and equal fake values stay equal (no noise added)
+    order = np.argsort(image[outside], kind="stable")
+    assert np.all(np.diff(out[outside][order]) >= 0)
+    assert np.unique(out[outside]).size <= np.unique(image[outside]).size
+    with pytest.raises(ValueError, match="context"):
+        match_context_intensity(image, labels, np.zeros(0))
+    with pytest.raises(ValueError, match="shape"):
+        match_context_intensity(image, labels[:-1], real)

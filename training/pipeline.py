@@ -68,7 +68,8 @@ from .segmentation import TrainConfig, dice_per_class, train_network
 from .synthetic_tumours import SyntheticTumourConfig, synthetic_tumour_crops, tumour_shapes
 from .train_supervised import _UNSET_SHA256, _localiser_spec, _prepare_one
 from .translation.augment import (
-    add_csf_rim, augment_tumour_intensity, match_ring_intensity, match_tumour_intensity, tumour_ring,
+    add_csf_rim, augment_tumour_intensity, match_context_intensity, match_ring_intensity, match_tumour_intensity,
+    tumour_ring,
 )
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -641,15 +642,16 @@ def stage_pseudo_labels(run: Run, d: Path) -> dict:
     return make_pseudo_labels(run, _selected_members(run, "segment"), d)
 
 
-def make_pseudo_labels(run: Run, selected: list[dict], d: Path) -> dict:
+def make_pseudo_labels(run: Run, selected: list[dict], d: Path, overrides: dict | None = None) -> dict:
     """Label every real hrT2 ear crop with the ensemble of ``selected`` members (``_members_of``): writes
     ``d/pseudo_labels.csv`` (one row per crop: confidence, voxel counts, used) and then, as the completion
-    marker, ``d/pseudo_labels.npz`` (images and labels (N, z, y, x) of the used crops)."""
+    marker, ``d/pseudo_labels.npz`` (images and labels (N, z, y, x) of the used crops). ``overrides`` replace
+    settings of the config's ``pseudo_labels`` (self-training's ``relabel``)."""
     members = [EnsembleMember(_load_net(m["train"]["network"], m["path"]), m["train"]["patch_size_zyx"], m["weight"])
                for m in selected]
     crops = _target_crops(run)
     spacing_zyx = tuple(float(s) for s in run.cfg["segmentation_spacing_xyz_mm"][::-1])
-    pcfg = PseudoLabelConfig(**{"spacing_zyx_mm": spacing_zyx, **run.cfg.get("pseudo_labels", {})})
+    pcfg = PseudoLabelConfig(**{"spacing_zyx_mm": spacing_zyx, **run.cfg.get("pseudo_labels", {}), **(overrides or {})})
     labelled, records = pseudo_label_crops(members, [c for _, c in crops], pcfg, run.cfg.get("fusion", "mean"),
                                            run.progress, scan_ids=[case for case, _ in crops])
     keep = [r["crop"] for r in records if r["used"]]
@@ -671,37 +673,54 @@ def _pseudo_arrays(folder: Path) -> list:
         return list(zip(z["images"], z["labels"])) if z["images"].ndim == 4 else []
 
 
-def _real_tumour_references(pseudo: list, setting: dict) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _real_tumour_references(pseudo: list, setting: dict) -> list[tuple]:
     """How tumours look on the real hrT2, as far as the pseudo-labels know: for every pseudo-labelled tumour of at
-    least ``setting["min_vs_voxels"]`` voxels (default 100), its voxel values and — with ``ring_voxels`` > 0 — the
-    values of the in-plane ring of that width around it (``translation.augment.tumour_ring``), else None."""
+    least ``setting["min_vs_voxels"]`` voxels (default 100), (its voxel values; with ``ring_voxels`` > 0 the
+    values of the in-plane ring of that width around it (``translation.augment.tumour_ring``), else None; with
+    ``context`` the sorted values of the rest of its crop, else None; with ``cochlea`` the values of its crop's
+    pseudo-labelled cochlea, else None — None too when that has fewer than ``min_cochlea_voxels`` (default 20))."""
     min_voxels, ring_voxels = int(setting.get("min_vs_voxels", 100)), int(setting.get("ring_voxels", 0))
+    min_cochlea = int(setting.get("min_cochlea_voxels", 20))
     out = []
     for img, lab in pseudo:
-        vs = np.asarray(lab) == VS
+        lab = np.asarray(lab)
+        vs, cochlea = lab == VS, lab == COCHLEA
         if vs.sum() >= min_voxels:
             img = np.asarray(img, np.float32)
-            out.append((img[vs], img[tumour_ring(vs, ring_voxels)] if ring_voxels > 0 else None))
+            out.append((img[vs], img[tumour_ring(vs, ring_voxels)] if ring_voxels > 0 else None,
+                        np.sort(img[~vs]) if setting.get("context", False) else None,
+                        img[cochlea] if setting.get("cochlea", False) and cochlea.sum() >= min_cochlea else None))
     return out
 
 
 def _match_fake_tumours(fake_by_case: list, references: list, setting: dict, seed: int) -> list:
     """``self_training.fake_vs_match``: in a share ``probability`` (default 1) of the fake (image, label) crops with a
     tumour, the tumour takes the grey levels of a randomly drawn real pseudo-labelled one
-    (``translation.augment.match_tumour_intensity``, ``scale_range`` default [1, 1]) and, with ``ring_voxels`` > 0,
-    its surroundings those of the same real tumour's (``match_ring_intensity``). ``fake_by_case`` is
+    (``translation.augment.match_tumour_intensity``, ``scale_range`` default [1, 1]); with ``ring_voxels`` > 0,
+    its surroundings those of the same real tumour's (``match_ring_intensity``). With ``context``, the rest of the
+    crop first takes the grey levels of the same real crop's (``match_context_intensity``); with ``cochlea``, the
+    fake cochlea those of the same real crop's pseudo-labelled cochlea (``match_tumour_intensity`` on the cochlea
+    label, no scaling) — with either, in the same share of the tumour-free fakes too. ``fake_by_case`` is
     ``[(case, [(image, label)])]`` as ``_fake_crops_by_case`` returns it; returns a new list of that shape."""
     rng = np.random.default_rng([seed, 7])
     probability = float(setting.get("probability", 1.0))
     scale_range = tuple(setting.get("scale_range", (1.0, 1.0)))
     ring_voxels = int(setting.get("ring_voxels", 0))
+    every_crop = bool(setting.get("context", False) or setting.get("cochlea", False))  # not only those with a tumour
 
     def match(img, lab):
-        if (lab == VS).any() and rng.random() < probability:
-            vs_values, ring_values = references[int(rng.integers(len(references)))]
-            if ring_values is not None:
-                img = match_ring_intensity(img, lab, ring_values, ring_voxels)
-            img = match_tumour_intensity(img, lab, vs_values, rng, scale_range).astype(np.float16)
+        tumour = (lab == VS).any()
+        if (tumour or every_crop) and rng.random() < probability:
+            vs_values, ring_values, context_values, cochlea_values = references[int(rng.integers(len(references)))]
+            if context_values is not None:
+                img = match_context_intensity(img, lab, context_values)
+            if cochlea_values is not None:
+                img = match_tumour_intensity(img, lab, cochlea_values, rng, label=COCHLEA)
+            if tumour:
+                if ring_values is not None:
+                    img = match_ring_intensity(img, lab, ring_values, ring_voxels)
+                img = match_tumour_intensity(img, lab, vs_values, rng, scale_range)
+            img = np.asarray(img, np.float16)
         return img, lab
 
     return [(case, [match(img, lab) for img, lab in crops]) for case, crops in fake_by_case]
@@ -746,8 +765,8 @@ def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, s
 def stage_self_train(run: Run, d: Path) -> dict:
     """Method a: ``self_training.rounds`` rounds (default 1) of retraining the members on fake hrT2 + pseudo-labelled
     real hrT2. Round 1 uses stage 4's pseudo-labels (and, with ``warm_start``, starts from the stage-3 weights);
-    round r > 1 relabels the real crops with round r-1's selected members (``d/round<r>_pseudo_labels``) and starts
-    from their weights. Earlier rounds' members live in ``d/round<r>``, the last round's in ``d``.
+    round r > 1 relabels the real crops with round r-1's selected members (``d/round<r>_pseudo_labels``; the
+    ``pseudo_labels`` settings, with ``self_training.relabel`` overriding some) and starts from their weights. Earlier rounds' members live in ``d/round<r>``, the last round's in ``d``.
     Method b (``mode = "mean_teacher"``): Mean Teacher members on fake hrT2 + unlabelled real hrT2."""
     st = run.cfg.get("self_training", {})
     mode = st.get("mode", "pseudo_labels")
@@ -764,7 +783,7 @@ def stage_self_train(run: Run, d: Path) -> dict:
                 if not (pseudo_dir / "pseudo_labels.npz").exists():
                     pseudo_dir.mkdir(parents=True, exist_ok=True)
                     info[f"round{r}_pseudo_labels"] = make_pseudo_labels(
-                        run, _members_of(run, record["members"], start_dir), pseudo_dir)
+                        run, _members_of(run, record["members"], start_dir), pseudo_dir, st.get("relabel"))
             record = _retrain_on_pseudo_labels(run, rd, _pseudo_arrays(pseudo_dir), start_dir, st)
             if r < rounds:
                 info[f"round{r}_members"] = record["members"]

@@ -189,11 +189,40 @@ def match_ring_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, ring_ref
     box = _box_around(mask, sigma_voxels, (0, width_voxels, width_voxels))
     inside, sub = mask[box], image[box]
     ring = tumour_ring(inside, width_voxels)
-    fake = np.sort(sub[ring])
-    real = _quantiles(reference, (np.arange(fake.size) + 0.5) / fake.size)
-    fake, tie = np.unique(fake, return_inverse=True)  # tied fake values map to the mean of their real quantiles
-    real = np.bincount(tie, real) / np.bincount(tie)
+    fake, real = _rank_curve(sub[ring], reference)
     weight = np.maximum(gaussian_filter(ring.astype(np.float32), sigma_voxels), ring) * ~inside
     out = image.copy()
     out[box] += weight * (np.interp(sub, fake, real).astype(np.float32) - sub)
     return out
+
+
+def match_context_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, context_reference: np.ndarray,
+                            label: int = VS) -> np.ndarray:
+    """Give everything of a fake crop but its ``label`` region the intensity distribution of a real crop's
+    (``context_reference``: the values of a real hrT2 crop outside its pseudo-labelled tumour).
+
+    A translator trained for a few hundred iterations gets the grey levels of the whole crop wrong, not only the
+    tumour's: on the phantom benchmark the fakes' median is 0.49 against 0.26 on real hrT2 crops (brain rendered
+    brighter than a real tumour, CSF at 0.73 instead of 0.88 at the 90th percentile). One monotone curve maps the
+    fake's k-th quantile outside the tumour to the real crop's k-th (histogram matching), so the order of the
+    tissues and every edge stay and their grey levels become the real ones; the tumour keeps its values (match it
+    with :func:`match_tumour_intensity` afterwards, to the same real crop's tumour, so the two contrasts agree).
+    Arrays (z, y, x); returns a new float32 image.
+    """
+    image, mask, reference = _image_mask_reference(image_zyx, labels_zyx, context_reference, label, "context")
+    outside = ~mask
+    if not outside.any():
+        return image.copy()
+    fake, real = _rank_curve(image[outside], reference)
+    out = image.copy()
+    out[outside] = np.interp(image[outside], fake, real)
+    return out
+
+
+def _rank_curve(values: np.ndarray, sorted_reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The monotone curve that maps the distribution of ``values`` onto that of ``sorted_reference``:
+    (the distinct values, ascending; the reference quantile at each one's mid-rank). Tied values — translated
+    crops are float16, with thousands of voxels per value — map to one value, so the curve adds no noise."""
+    fake, counts = np.unique(np.asarray(values, np.float32), return_counts=True)
+    mid_ranks = (np.cumsum(counts) - 0.5 * counts) / counts.sum()
+    return fake, _quantiles(sorted_reference, mid_ranks).astype(np.float32)
