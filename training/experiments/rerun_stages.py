@@ -5,6 +5,8 @@
     python -m training.experiments.rerun_stages SRC_RUN OUT '{"members.0.train.seed": 13}' --stages segment ...
     python -m training.experiments.rerun_stages SRC_RUN OUT '{"self_training.train.learning_rate": 3e-4}' \\
         --stages pseudo_labels self_train ...
+    python -m training.experiments.rerun_stages SRC_RUN OUT '{}' --stages target_crops pseudo_labels self_train \\
+        --data MORE_TARGETS/uda ...   # more unlabelled hrT2 scans, translator and stage-3 members kept
     python -m training.experiments.rerun_stages SRC_RUN OUT '{"members.1": {...member seg2d_b, seed 13...}}' \\
         --reuse-weights seg2d=SRC_RUN/segment/seg2d.safetensors seg2d_b=RUN13/segment/seg2d.safetensors \\
         --stages segment pseudo_labels self_train ...
@@ -79,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("src", type=Path, help="finished pipeline run folder")
     ap.add_argument("out", type=Path, help="new run folder (must not hold other results)")
     ap.add_argument("overrides", nargs="?", default="{}", help='JSON {"dotted.config.path": value}')
-    ap.add_argument("--stages", nargs="+", default=["translate_crops", "segment"], choices=pipeline._STAGE_ORDER[4:])
+    ap.add_argument("--stages", nargs="+", default=["translate_crops", "segment"], choices=pipeline._STAGE_ORDER[3:])
     ap.add_argument("--data", required=True, type=Path, help="the source run's data folder (ceT1 + hrT2)")
     ap.add_argument("--test", type=Path, help="labelled hrT2 test folder to score the exported models on")
     ap.add_argument("--fresh-translator", action="store_true", help="train the crop translator again")
