@@ -41,7 +41,7 @@ import platform
 import time
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -673,12 +673,20 @@ def _pseudo_arrays(folder: Path) -> list:
         return list(zip(z["images"], z["labels"])) if z["images"].ndim == 4 else []
 
 
-def _real_tumour_references(pseudo: list, setting: dict) -> list[tuple]:
-    """How tumours look on the real hrT2, as far as the pseudo-labels know: for every pseudo-labelled tumour of at
-    least ``setting["min_vs_voxels"]`` voxels (default 100), (its voxel values; with ``ring_voxels`` > 0 the
-    values of the in-plane ring of that width around it (``translation.augment.tumour_ring``), else None; with
-    ``context`` the sorted values of the rest of its crop, else None; with ``cochlea`` the values of its crop's
-    pseudo-labelled cochlea, else None — None too when that has fewer than ``min_cochlea_voxels`` (default 20))."""
+class RealReference(NamedTuple):
+    """How one pseudo-labelled real crop looks (sorted float32 voxel values; None where the option is off)."""
+
+    vs: np.ndarray  # its tumour
+    ring: np.ndarray | None  # the tumour's in-plane ring (``ring_voxels`` > 0)
+    context: np.ndarray | None  # the rest of the crop (``context``)
+    cochlea: np.ndarray | None  # its pseudo-labelled cochlea (``cochlea``, at least ``min_cochlea_voxels``)
+
+
+def _real_tumour_references(pseudo: list, setting: dict) -> list[RealReference]:
+    """How tumours look on the real hrT2, as far as the pseudo-labels know: a :class:`RealReference` for every
+    pseudo-labelled tumour of at least ``setting["min_vs_voxels"]`` voxels (default 100); the ring is
+    ``translation.augment.tumour_ring`` of width ``ring_voxels``; ``min_cochlea_voxels`` defaults to 20. Values
+    are sorted here, once, not by every fake crop matched to them."""
     min_voxels, ring_voxels = int(setting.get("min_vs_voxels", 100)), int(setting.get("ring_voxels", 0))
     min_cochlea = int(setting.get("min_cochlea_voxels", 20))
     out = []
@@ -687,9 +695,11 @@ def _real_tumour_references(pseudo: list, setting: dict) -> list[tuple]:
         vs, cochlea = lab == VS, lab == COCHLEA
         if vs.sum() >= min_voxels:
             img = np.asarray(img, np.float32)
-            out.append((img[vs], img[tumour_ring(vs, ring_voxels)] if ring_voxels > 0 else None,
-                        np.sort(img[~vs]) if setting.get("context", False) else None,
-                        img[cochlea] if setting.get("cochlea", False) and cochlea.sum() >= min_cochlea else None))
+            out.append(RealReference(
+                np.sort(img[vs]),
+                np.sort(img[tumour_ring(vs, ring_voxels)]) if ring_voxels > 0 else None,
+                np.sort(img[~vs]) if setting.get("context", False) else None,
+                np.sort(img[cochlea]) if setting.get("cochlea", False) and cochlea.sum() >= min_cochlea else None))
     return out
 
 
@@ -711,15 +721,15 @@ def _match_fake_tumours(fake_by_case: list, references: list, setting: dict, see
     def match(img, lab):
         tumour = (lab == VS).any()
         if (tumour or every_crop) and rng.random() < probability:
-            vs_values, ring_values, context_values, cochlea_values = references[int(rng.integers(len(references)))]
-            if context_values is not None:
-                img = match_context_intensity(img, lab, context_values)
-            if cochlea_values is not None:
-                img = match_tumour_intensity(img, lab, cochlea_values, rng, label=COCHLEA)
+            ref = references[int(rng.integers(len(references)))]
+            if ref.context is not None:
+                img = match_context_intensity(img, lab, ref.context)
+            if ref.cochlea is not None:
+                img = match_tumour_intensity(img, lab, ref.cochlea, rng, label=COCHLEA)
             if tumour:
-                if ring_values is not None:
-                    img = match_ring_intensity(img, lab, ring_values, ring_voxels)
-                img = match_tumour_intensity(img, lab, vs_values, rng, scale_range)
+                if ref.ring is not None:
+                    img = match_ring_intensity(img, lab, ref.ring, ring_voxels)
+                img = match_tumour_intensity(img, lab, ref.vs, rng, scale_range)
             img = np.asarray(img, np.float16)
         return img, lab
 
@@ -766,7 +776,8 @@ def stage_self_train(run: Run, d: Path) -> dict:
     """Method a: ``self_training.rounds`` rounds (default 1) of retraining the members on fake hrT2 + pseudo-labelled
     real hrT2. Round 1 uses stage 4's pseudo-labels (and, with ``warm_start``, starts from the stage-3 weights);
     round r > 1 relabels the real crops with round r-1's selected members (``d/round<r>_pseudo_labels``; the
-    ``pseudo_labels`` settings, with ``self_training.relabel`` overriding some) and starts from their weights. Earlier rounds' members live in ``d/round<r>``, the last round's in ``d``.
+    ``pseudo_labels`` settings, with ``self_training.relabel`` overriding some) and starts from their weights.
+    Earlier rounds' members live in ``d/round<r>``, the last round's in ``d``.
     Method b (``mode = "mean_teacher"``): Mean Teacher members on fake hrT2 + unlabelled real hrT2."""
     st = run.cfg.get("self_training", {})
     mode = st.get("mode", "pseudo_labels")

@@ -124,12 +124,15 @@ def _quantiles(sorted_values: np.ndarray, probabilities: np.ndarray) -> np.ndarr
 
 
 def _image_mask_reference(image_zyx, labels_zyx, reference_values, label: int, what: str):
-    """The shared checks of the matching functions: (float32 image, boolean ``label`` mask, sorted float32 reference)."""
+    """The shared checks of the matching functions: (float32 image, boolean ``label`` mask, sorted float32 reference;
+    an already sorted ``reference_values`` is not sorted again)."""
     image = np.asarray(image_zyx, dtype=np.float32)
     labels = np.asarray(labels_zyx)
     if labels.shape != image.shape:
         raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
-    reference = np.sort(np.asarray(reference_values, dtype=np.float32).ravel())
+    reference = np.asarray(reference_values, dtype=np.float32).ravel()
+    if np.any(reference[1:] < reference[:-1]):  # callers that reuse a reference sort it once (a crop: ~700k values)
+        reference = np.sort(reference)
     if reference.size == 0:
         raise ValueError(f"no reference {what} voxels to match the fake {what} to")
     return image, labels == label, reference
@@ -211,11 +214,11 @@ def match_context_intensity(image_zyx: np.ndarray, labels_zyx: np.ndarray, conte
     """
     image, mask, reference = _image_mask_reference(image_zyx, labels_zyx, context_reference, label, "context")
     outside = ~mask
-    if not outside.any():
-        return image.copy()
-    fake, real = _rank_curve(image[outside], reference)
     out = image.copy()
-    out[outside] = np.interp(image[outside], fake, real)
+    if outside.any():
+        values = image[outside]
+        fake, real = _rank_curve(values, reference)
+        out[outside] = np.interp(values, fake, real)
     return out
 
 
