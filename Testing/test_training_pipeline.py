@@ -1272,3 +1272,33 @@ def test_self_training_can_draw_source_tumours_into_the_tumour_free_real_ears(me
     for arrays in trained:  # every member sees the host and both drawn copies
         ids = {id(img) for img, _ in arrays}
         assert id(free[0]) in ids and all(id(img) in ids for img, _ in drawn)
+
+
+def test_translation_target_scans_limit_the_translators_and_checks_not_the_pseudo_labels(method_a_run, uda_data,
+                                                                                          tmp_path):
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops"):
+        os.symlink(out / stage, tmp_path / stage)
+    cfg = tiny_config()
+    cfg["data"]["translation_target_scans"] = 1
+    backend = FakeBackend()
+    seen = []
+    train = backend.train
+    backend.train = lambda s, lab, t, *a, **k: seen.append(len(t)) or train(s, lab, t, *a, **k)
+    run = pipeline.Run(uda_data, tmp_path, cfg, backend, progress=False)
+    assert [c for c, *_ in pipeline._target_localiser_volumes(run)] == ["tgt_0", "tgt_1"]
+    assert [c for c, *_ in pipeline._target_localiser_volumes(run, translation=True)] == ["tgt_0"]
+    every, first = pipeline._target_crops(run), pipeline._target_crops(run, translation=True)
+    assert {c for c, _ in first} == {"tgt_0"} and len(first) == 2 and len(every) == 4
+    # The crop translator learns from the first scan's two crops only.
+    (tmp_path / "translate_crops").mkdir()
+    pipeline.stage_translate_crops(run, tmp_path / "translate_crops")
+    assert seen == [2]
+    # Part of every stage's fingerprint from the 2 mm translation on; unset, old runs keep theirs.
+    assert pipeline.stage_fingerprint(cfg, "translate_localiser")["data.translation_target_scans"] == 1
+    assert "data.translation_target_scans" not in pipeline.stage_fingerprint(tiny_config(), "self_train")
+    cfg["data"]["translation_target_scans"] = -1
+    with pytest.raises(ValueError, match="translation_target_scans"):
+        pipeline._target_crops(pipeline.Run(uda_data, tmp_path / "neg", cfg, backend, progress=False), translation=True)

@@ -78,7 +78,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _STAGE_KEYS = {
     "prepare": ["normalisation", "crop", "segmentation_spacing_xyz_mm", "localiser.spacing_xyz_mm",
                 "localiser.train.network", "data.jitters", "data.jitter_mm", "seed"],
-    "translate_localiser": ["translation.localiser", "translation.localiser_snapshots"],
+    "translate_localiser": ["translation.localiser", "translation.localiser_snapshots",
+                            "data.translation_target_scans"],
     "localiser": ["localiser.train", "localiser.random_contrast_copies", "localiser.self_training"],
     "target_crops": [],
     "translate_crops": ["translation.crops", "translation.crop_snapshots", "translation.tumour_augmentation",
@@ -274,9 +275,24 @@ def _source_cases(run: Run) -> list[tuple[str, dict]]:
     return out
 
 
-def _target_localiser_volumes(run: Run) -> list[tuple[str, np.ndarray, IntensityScale, str]]:
-    out = []
+def _translation_scans(run: Run) -> set[str] | None:
+    """Case ids of the unlabelled hrT2 scans that train the translators, self-train the localiser and check the
+    stage-3 members: the first ``data.translation_target_scans`` by case id (None: all of them). Pseudo-labels,
+    self-training and Mean Teacher always use every scan: more unlabelled scans help them, while a translator
+    retrained on more scans is another translator (docs/training.md, session 27)."""
+    n = int(run.cfg.get("data", {}).get("translation_target_scans") or 0)
+    if n < 0:
+        raise ValueError(f"data.translation_target_scans must be 0 (all scans) or positive, not {n}")
+    return set(sorted(p.stem for p in (run.out / "prepare" / "hrt2").glob("*.npz"))[:n]) if n else None
+
+
+def _target_localiser_volumes(run: Run, translation: bool = False) -> list[tuple]:
+    """[(case_id, 2 mm volume (z, y, x), :class:`IntensityScale`, image path)] of the prepared hrT2 scans; with
+    ``translation`` only those of :func:`_translation_scans`."""
+    keep, out = _translation_scans(run) if translation else None, []
     for p in sorted((run.out / "prepare" / "hrt2").glob("*.npz")):
+        if keep is not None and p.stem not in keep:
+            continue
         with np.load(p) as z:
             out.append((p.stem, z["localiser_image"], IntensityScale(*map(float, z["scale"])), str(z["image_path"])))
     return out
@@ -323,7 +339,7 @@ def stage_translate_localiser(run: Run, d: Path) -> dict:
         (d / "fake").mkdir(exist_ok=True)
         return {"snapshots": [], "skipped": "translation.localiser is null"}
     src = _source_cases(run)
-    tgt = _target_localiser_volumes(run)
+    tgt = _target_localiser_volumes(run, translation=True)
     translator = _train_translator(run, d, [a["localiser"][0] for _, a in src], [a["localiser"][1] for _, a in src],
                                    [v for _, v, _, _ in tgt], run.cfg["translation"]["localiser"])
     snaps = _snapshots(translator, run.cfg["translation"].get("localiser_snapshots", "last"))
@@ -374,17 +390,17 @@ def stage_localiser(run: Run, d: Path) -> dict:
 
 
 def localiser_pseudo_targets(run: Run, net: torch.nn.Module) -> tuple[list, dict]:
-    """Localiser pseudo-labels on the real hrT2 2 mm volumes: (volume, target) for every scan on which
-    ``net`` finds both inner ears itself (neither mirrored) — class 2 = the 5 mm balls around the found
-    centres, class 1 = its own VS prediction (probability > 0.5). Never reads an hrT2 label."""
+    """Localiser pseudo-labels on the real hrT2 2 mm volumes of :func:`_translation_scans`: (volume, target) for
+    every scan on which ``net`` finds both inner ears itself (neither mirrored) — class 2 = the 5 mm balls around
+    the found centres, class 1 = its own VS prediction (probability > 0.5). Never reads an hrT2 label."""
     from VSCochleaSegLib.errors import InputError
 
     from .crops import with_ear_balls
 
     spec = _localiser_spec(run.cfg)
     out, missed, mirrored = [], 0, 0
-    for case_id, vol, _, image_path in tqdm(_target_localiser_volumes(run), desc="localiser pseudo-labels",
-                                            disable=not run.progress):
+    for case_id, vol, _, image_path in tqdm(_target_localiser_volumes(run, translation=True),
+                                            desc="localiser pseudo-labels", disable=not run.progress):
         v = _f32(vol)
         probs = predict_softmax(net, v, spec.patch_size_zyx, torch.device("cpu"))
         # The grid needs the scan's geometry only: read its header, not its voxels (the reader has the
@@ -446,9 +462,13 @@ def stage_target_crops(run: Run, d: Path) -> dict:
     return {"skipped_no_ear_found": skipped, "ears_mirrored": mirrored}
 
 
-def _target_crops(run: Run) -> list[tuple[str, np.ndarray]]:
-    out = []
+def _target_crops(run: Run, translation: bool = False) -> list[tuple[str, np.ndarray]]:
+    """[(case_id, ear crop (z, y, x))] of the real hrT2 scans, two per scan on which ears were found; with
+    ``translation`` only those of :func:`_translation_scans`."""
+    keep, out = _translation_scans(run) if translation else None, []
     for p in sorted((run.out / "target_crops").glob("*.npz")):
+        if keep is not None and p.stem not in keep:
+            continue
         with np.load(p) as z:
             out += [(p.stem, c) for c in z["crops"]]
     return out
@@ -476,7 +496,8 @@ def stage_translate_crops(run: Run, d: Path) -> dict:
             raise ValueError("translation.crops_init_from_localiser needs the 2 mm translator; translation.localiser is null")
         # Fine-tune the 2 mm translator at 0.5 mm (measured: no help at phantom-cpu budgets, docs/training.md).
         crops_cfg["init_weights"] = str(run.out / "translate_localiser" / "translator")
-    translator = _train_translator(run, d, src_imgs, src_labs, [c for _, c in _target_crops(run)], crops_cfg)
+    targets = [c for _, c in _target_crops(run, translation=True)]
+    translator = _train_translator(run, d, src_imgs, src_labs, targets, crops_cfg)
     snaps = _snapshots(translator, tcfg.get("crop_snapshots", "all"))
     augs = _tumour_augmentations(tcfg.get("tumour_augmentation", {}))
     rng = np.random.default_rng([run.cfg.get("seed", 0), 2])
@@ -582,7 +603,7 @@ def _train_members(run: Run, d: Path, train_arrays_for: Callable[[list], list], 
     # Label-free check on the target domain: members that find no cochlea on most real hrT2 crops are left out
     # of the ensemble (their probabilities would only dilute the others'); the best one is kept if all fail.
     min_rate = float(cfg.get("data", {}).get("min_target_cochlea_rate", 0.0))
-    target = [c for _, c in _target_crops(run)] if min_rate > 0 else []
+    target = [c for _, c in _target_crops(run, translation=True)] if min_rate > 0 else []
     target = target[:: max(1, len(target) // 16)][:16]  # an even sample of at most 16 crops
     min_voxels = int(cfg.get("pseudo_labels", {}).get("min_cochlea_voxels", 0)) or 1
     members = []
