@@ -286,13 +286,19 @@ def _translation_scans(run: Run) -> set[str] | None:
     return set(sorted(p.stem for p in (run.out / "prepare" / "hrt2").glob("*.npz"))[:n]) if n else None
 
 
+def _target_files(run: Run, folder: str, translation: bool) -> list[Path]:
+    """The per-scan ``.npz`` files of the hrT2 scans in ``run.out / folder``, by case id; with ``translation`` only
+    those of :func:`_translation_scans`."""
+    files = sorted((run.out / folder).glob("*.npz"))
+    keep = _translation_scans(run) if translation else None
+    return files if keep is None else [p for p in files if p.stem in keep]
+
+
 def _target_localiser_volumes(run: Run, translation: bool = False) -> list[tuple]:
     """[(case_id, 2 mm volume (z, y, x), :class:`IntensityScale`, image path)] of the prepared hrT2 scans; with
     ``translation`` only those of :func:`_translation_scans`."""
-    keep, out = _translation_scans(run) if translation else None, []
-    for p in sorted((run.out / "prepare" / "hrt2").glob("*.npz")):
-        if keep is not None and p.stem not in keep:
-            continue
+    out = []
+    for p in _target_files(run, "prepare/hrt2", translation):
         with np.load(p) as z:
             out.append((p.stem, z["localiser_image"], IntensityScale(*map(float, z["scale"])), str(z["image_path"])))
     return out
@@ -465,10 +471,8 @@ def stage_target_crops(run: Run, d: Path) -> dict:
 def _target_crops(run: Run, translation: bool = False) -> list[tuple[str, np.ndarray]]:
     """[(case_id, ear crop (z, y, x))] of the real hrT2 scans, two per scan on which ears were found; with
     ``translation`` only those of :func:`_translation_scans`."""
-    keep, out = _translation_scans(run) if translation else None, []
-    for p in sorted((run.out / "target_crops").glob("*.npz")):
-        if keep is not None and p.stem not in keep:
-            continue
+    out = []
+    for p in _target_files(run, "target_crops", translation):
         with np.load(p) as z:
             out += [(p.stem, c) for c in z["crops"]]
     return out
@@ -713,14 +717,16 @@ def _real_tumour_references(pseudo: list, setting: dict) -> list[RealReference]:
     out = []
     for img, lab in pseudo:
         lab = np.asarray(lab)
-        vs, cochlea = lab == VS, lab == COCHLEA
-        if vs.sum() >= min_voxels:
-            img = np.asarray(img, np.float32)
-            out.append(RealReference(
-                np.sort(img[vs]),
-                np.sort(img[tumour_ring(vs, ring_voxels)]) if ring_voxels > 0 else None,
-                np.sort(img[~vs]) if setting.get("context", False) else None,
-                np.sort(img[cochlea]) if setting.get("cochlea", False) and cochlea.sum() >= min_cochlea else None))
+        vs = lab == VS
+        if vs.sum() < min_voxels:
+            continue
+        img = np.asarray(img, np.float32)
+        cochlea = lab == COCHLEA if setting.get("cochlea", False) else None  # only read with the option on
+        out.append(RealReference(
+            np.sort(img[vs]),
+            np.sort(img[tumour_ring(vs, ring_voxels)]) if ring_voxels > 0 else None,
+            np.sort(img[~vs]) if setting.get("context", False) else None,
+            np.sort(img[cochlea]) if cochlea is not None and cochlea.sum() >= min_cochlea else None))
     return out
 
 
