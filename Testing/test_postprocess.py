@@ -5,11 +5,12 @@ from __future__ import annotations
 import cc3d
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from VSCochleaSegLib.localise import EarLocations, ears_from_probabilities
 from VSCochleaSegLib.geometry import GridSpec
 from VSCochleaSegLib.model_folder import PostprocessSpec
-from VSCochleaSegLib.postprocess import postprocess_labels
+from VSCochleaSegLib.postprocess import postprocess_labels, refine_cochlea_edges
 
 SPEC = PostprocessSpec(True, True, 20.0, 0.0)
 
@@ -144,3 +145,61 @@ def test_vs_growing_is_limited_to_its_distance():
     zz, yy, xx = np.nonzero(out == 1)
     assert (out == 1).sum() > (lab == 1).sum()
     assert zz.min() >= 16 and zz.max() <= 23 and xx.min() >= 46 and xx.max() <= 53
+
+
+def _fluid_ball(shape=(30, 30, 30), spacing=(1.0, 0.5, 0.5), radius_mm=3.0, fluid=400.0, bone=50.0, seed=0):
+    """A bright fluid ball (the cochlea) in dark bone, with partial volume at its edge: image (z, y, x) float32,
+    the true mask (voxel centres inside), the spacing (z, y, x) mm."""
+    sp = np.asarray(spacing)
+    grid = np.indices(shape).astype(float) * sp[:, None, None, None]
+    r = np.sqrt(((grid - grid.reshape(3, -1).mean(1)[:, None, None, None]) ** 2).sum(0))
+    fraction = np.clip(radius_mm + 0.5 - r, 0.0, 1.0)  # 1 mm partial-volume ramp centred on the surface
+    img = bone + (fluid - bone) * fraction + np.random.default_rng(seed).normal(0, 10, shape)
+    return img.astype(np.float32), r <= radius_mm, sp
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_cochlea_refinement_moves_a_too_small_or_too_large_cochlea_to_the_fluid_edge():
+    img, true, sp = _fluid_ball()
+    for start in (ndimage.binary_erosion(true), ndimage.binary_dilation(true)):  # inside / outside the edge
+        lab = start.astype(np.uint8) * 2
+        out = refine_cochlea_edges(lab, img, sp, max_mm=1.0)
+        assert _dice(out == 2, true) > 0.93 > _dice(start, true) + 0.05
+        assert set(np.unique(out)) <= {0, 2}
+
+
+def test_cochlea_refinement_leaves_vs_and_other_structures_and_non_t2_contrast_alone():
+    img, true, sp = _fluid_ball()
+    lab = np.zeros(true.shape, np.uint8)
+    lab[true] = 2
+    lab[true & (np.indices(true.shape)[2] > 17)] = 1  # "VS" on part of the fluid: never becomes cochlea
+    out = refine_cochlea_edges(lab, img, sp, max_mm=1.0)
+    assert ((lab == 1) == (out == 1)).all()
+    dark = (img.max() + img.min() - img).astype(np.float32)  # inverted (ceT1-like): fluid darker than bone
+    lab = true.astype(np.uint8) * 2
+    assert (refine_cochlea_edges(lab, dark, sp, max_mm=1.0) == lab).all()
+    # through postprocess_labels, only when the model folder asks for it
+    ref = sitk.GetImageFromArray(img)
+    ref.SetSpacing(tuple(float(s) for s in sp[::-1]))
+    small = np.where(ndimage.binary_erosion(true), 2, 0).astype(np.uint8)
+    e = EarLocations({"left": np.array([10.0, 7.0, 15.0]), "right": np.array([2.0, 7.0, 15.0])},
+                     np.array([6.0, 7.0, 15.0]), np.array([1.0, 0.0, 0.0]))
+    off = postprocess_labels(small, ref, e, PostprocessSpec(False, False, 50.0, 0.0))
+    on = postprocess_labels(small, ref, e, PostprocessSpec(False, False, 50.0, 0.0, cochlea_refine_mm=1.0))
+    assert (off == small).all() and _dice(on == 2, true) > _dice(small == 2, true) + 0.05
+
+
+def test_cochlea_refinement_keys_are_optional_and_checked():
+    import pytest
+    base = {"keep_largest_vs_per_side": True, "keep_largest_cochlea_per_side": True,
+            "vs_max_z_distance_from_cochlea_mm": 20.0, "min_vs_volume_mm3": 0.0}
+    assert PostprocessSpec.from_dict(base).cochlea_refine_mm == 0.0
+    spec = PostprocessSpec.from_dict({**base, "cochlea_refine_mm": 1.0, "cochlea_fluid_quantile": 0.8})
+    assert (spec.cochlea_refine_mm, spec.cochlea_fluid_quantile) == (1.0, 0.8)
+    with pytest.raises(Exception, match="cochlea_fluid_quantile"):
+        PostprocessSpec.from_dict({**base, "cochlea_fluid_quantile": 1.5})
+    with pytest.raises(Exception, match="cochlea_refine_mm"):
+        PostprocessSpec.from_dict({**base, "cochlea_refine_mm": -1})

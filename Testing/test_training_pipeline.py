@@ -372,6 +372,29 @@ def test_pseudo_label_can_grow_an_under_segmented_vs_along_tissue_of_its_own_int
         pseudo_label(probs, PseudoLabelConfig(**cfg, vs_grow_mm=4.0))
 
 
+def test_pseudo_label_can_move_the_cochlea_edge_to_the_fluid_even_where_the_members_were_unsure():
+    """The members find the cochlea's fluid core confidently and its partial-volume rim unsurely."""
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    z, y, x = np.indices((9, 24, 24))
+    r = np.sqrt(((z - 4) * 1.0) ** 2 + ((y - 12) * 0.5) ** 2 + ((x - 12) * 0.5) ** 2)  # mm, 1 x 0.5 x 0.5 voxels
+    true = r <= 3.0
+    image = (0.1 + 0.8 * np.clip(3.5 - r, 0, 1)).astype(np.float32)  # bright fluid in dark bone, 1 mm ramp
+    probs = np.zeros((3,) + image.shape, np.float32)
+    probs[0] = 1.0
+    probs[:, r <= 2.0] = np.array([0.05, 0.0, 0.95])[:, None]  # confident core
+    probs[:, (r > 2.0) & (r <= 3.0)] = np.array([0.45, 0.0, 0.55])[:, None]  # unsure rim
+    cfg = dict(spacing_zyx_mm=(1.0, 0.5, 0.5), min_cochlea_voxels=1, min_voxel_confidence=0.7, ignore_uncertain=True)
+    plain, conf = pseudo_label(probs, PseudoLabelConfig(**cfg), image=image)
+    assert (plain[true & (r > 2.0)] == IGNORE).all()  # the rim carries no loss
+    refined, conf2 = pseudo_label(probs, PseudoLabelConfig(**cfg, cochlea_refine_mm=1.5), image=image)
+    assert conf2 == conf  # confidence still from the members
+    assert (refined[r <= 2.85] == 2).all() and (refined[r > 3.15] == 0).all()  # the edge at the half-way grey
+    with pytest.raises(ValueError, match="needs the crop image"):
+        pseudo_label(probs, PseudoLabelConfig(**cfg, cochlea_refine_mm=1.0))
+
+
 def test_pseudo_label_of_a_tumour_free_ear_can_leave_its_far_part_unlabelled():
     """The crop of the tumour-free ear reaches into the other cerebellopontine angle, where the scan's tumour is."""
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from VSCochleaSegLib.fusion import FUSERS
 from VSCochleaSegLib.inference import InferenceSettings, predict_softmax
 from VSCochleaSegLib.labels import COCHLEA, VS
-from VSCochleaSegLib.postprocess import ball, grow_into_own_intensity
+from VSCochleaSegLib.postprocess import ball, grow_into_own_intensity, refine_cochlea_edges
 
 from .segmentation import IGNORE
 
@@ -110,6 +110,12 @@ class PseudoLabelConfig:
     # cut off (thin necks and the tissue beyond them) become IGNORE, neither VS nor background; a VS that the
     # opening would remove entirely is left as it is. 0 = off.
     vs_open_mm: float = 0.0
+    # Label-free correction of the pseudo-cochlea's edge (the engine's ``postprocess.cochlea_refine_mm``): moved by
+    # at most this distance (mm) outwards to the half-way grey between its fluid (the ``cochlea_fluid_quantile``
+    # of its intensities) and the surrounding bone; the voxels it gains are labelled even where the members were
+    # unsure. Needs the crop image. 0 = off.
+    cochlea_refine_mm: float = 0.0
+    cochlea_fluid_quantile: float = 0.9
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,13 +183,15 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
                  image: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """(labels uint8 (z, y, x): 0, VS, COCHLEA or IGNORE, case confidence in [0, 1]) from fused probabilities
     (C, z, y, x). ``vs_free``: the crop is known to hold no tumour (its label map is not trimmed to the cochlea
-    surroundings, and any "VS" found in it becomes IGNORE). ``image``: the crop (z, y, x), for ``vs_grow_mm``."""
+    surroundings, and any "VS" found in it becomes IGNORE). ``image``: the crop (z, y, x), for ``vs_grow_mm`` and
+    ``cochlea_refine_mm``."""
     labels = probs.argmax(0).astype(np.uint8)
     top = probs.max(0)
     unsure = top < cfg.min_voxel_confidence
     labels[(labels > 0) & unsure] = 0
     dropped = np.zeros(labels.shape, bool)  # foreground components the checks below remove
     hard_negative = np.zeros(labels.shape, bool)  # confident "VS" far from the cochlea: taught as background
+    members_cochlea = None  # the members' own cochlea, kept when cochlea_refine_mm moves its edge
     cochlea_mm = None  # distance (mm) to the kept cochlea, made once when a rule needs it (the cochlea is final
     # once its components are chosen: nothing after that labels a voxel COCHLEA or removes one)
     for c in (COCHLEA, VS):
@@ -207,7 +215,15 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
             keep = np.zeros_like(mask)
         dropped |= mask & ~keep
         labels[mask & ~keep] = 0
-    fg = (labels == VS) | (labels == COCHLEA)
+        if c == COCHLEA and cfg.cochlea_refine_mm > 0 and keep.any():
+            if image is None:
+                raise ValueError("cochlea_refine_mm needs the crop image")
+            members_cochlea = labels == COCHLEA  # the case confidence stays the members'
+            labels = refine_cochlea_edges(labels, np.asarray(image, np.float32), cfg.spacing_zyx_mm,
+                                          cfg.cochlea_refine_mm, cfg.cochlea_fluid_quantile)
+            unsure &= labels != COCHLEA
+            dropped &= labels != COCHLEA
+    fg = (labels == VS) | (labels == COCHLEA if members_cochlea is None else members_cochlea)
     confidence = float(top[fg].mean()) if fg.any() else 0.0
     if (labels == COCHLEA).sum() < cfg.min_cochlea_voxels:
         confidence = 0.0

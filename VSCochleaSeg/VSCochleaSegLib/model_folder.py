@@ -455,6 +455,11 @@ class PostprocessSpec(_Spec):
     # connected voxels whose intensity lies within the vs_grow_quantiles of its own. 0 = off (optional keys).
     vs_grow_mm: float = 0.0
     vs_grow_quantiles: Tuple[float, float] = (0.1, 0.9)
+    # The cochlea is fluid, bright in dark bone on T2: each kept cochlea's edge is moved (by at most this
+    # distance, mm, outwards; inwards as far as needed) to the half-way grey between its fluid (this quantile of
+    # its own intensities) and the bone around it. 0 = off (optional keys).
+    cochlea_refine_mm: float = 0.0
+    cochlea_fluid_quantile: float = 0.9
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = MODEL_JSON, field: str = "postprocess") -> PostprocessSpec:
@@ -468,7 +473,17 @@ class PostprocessSpec(_Spec):
                                                               minimum=0.0),
                    vs_open_mm=obj.number("vs_open_mm", default=0.0, minimum=0.0),
                    vs_grow_mm=obj.number("vs_grow_mm", default=0.0, minimum=0.0),
-                   vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", cls.vs_grow_quantiles))
+                   vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", cls.vs_grow_quantiles),
+                   cochlea_refine_mm=obj.number("cochlea_refine_mm", default=0.0, minimum=0.0),
+                   cochlea_fluid_quantile=_quantile(obj, "cochlea_fluid_quantile", cls.cochlea_fluid_quantile))
+
+
+def _quantile(obj: _JsonObject, key: str, default: float) -> float:
+    """An optional quantile, 0 ≤ q ≤ 1."""
+    q = obj.number(key, default=default, minimum=0.0)
+    if q > 1.0:
+        raise obj.error(key, f"must be a quantile between 0 and 1, got {q}.")
+    return q
 
 
 def _quantile_pair(obj: _JsonObject, key: str, default: Tuple[float, float]) -> Tuple[float, float]:

@@ -6,10 +6,11 @@ superior-inferior axis) from that side's cochlea — the seed rule was 15 slices
 fills part of the internal auditory canal, which ends at the cochlea) VS components none of whose voxels comes
 within a set 3D distance of that side's cochlea centre are dropped *before* the largest is chosen, so a large
 false "VS" in the cerebellum cannot displace a smaller true one. Optionally, first of all, the VS mask is opened
-with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Optionally, last of
-all, each kept VS is grown by at most a set distance (mm) into connected voxels of its own intensity (members
-trained on translated images draw the tumour's border too far inside it). Thresholds come from the model
-folder's ``postprocess`` section.
+with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Optionally, once the
+components are chosen, each kept cochlea's edge is moved to the half-way grey between its fluid and the bone
+around it (T2: bright fluid in dark bone). Optionally, last of all, each kept VS is grown by at most a set distance
+(mm) into connected voxels of its own intensity (members trained on translated images draw the tumour's border too
+far inside it). Thresholds come from the model folder's ``postprocess`` section.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
         drop = ids[~keep]
         if len(drop):
             out[np.isin(comps, drop) & mask] = 0
+    if spec.cochlea_refine_mm > 0:
+        out = refine_cochlea_edges(out, sitk.GetArrayViewFromImage(reference), reference.GetSpacing()[::-1],
+                                   spec.cochlea_refine_mm, spec.cochlea_fluid_quantile)
     if spec.vs_grow_mm > 0:  # an empty VS grows nothing
         out[grow_into_own_intensity(out == VS, sitk.GetArrayViewFromImage(reference), spec.vs_grow_mm,
                                     spec.vs_grow_quantiles, reference.GetSpacing()[::-1], allowed=out == 0)] = VS
@@ -89,6 +93,42 @@ def grow_into_own_intensity(mask: np.ndarray, image: np.ndarray, max_mm: float, 
     grown = ndimage.binary_propagation(m, structure=ndimage.generate_binary_structure(3, 1), mask=candidate | m)
     added[box] = grown & ~m
     return added
+
+
+def refine_cochlea_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm: float,
+                         fluid_quantile: float = 0.9, bone_shell_mm: float = 1.0) -> np.ndarray:
+    """Copy of ``labels`` (z, y, x) uint8 whose cochleae end where the image says the fluid ends.
+
+    On T2 the cochlea is fluid, bright inside dark bone, and its edge is the half-way grey between the two. For
+    each cochlea component (26-connected): fluid grey = the ``fluid_quantile`` of its own intensities (its voxels
+    on the edge are partial-volume darker, the inner ones give the plateau), bone grey = the median of the shell
+    from ``max_mm`` to ``max_mm + bone_shell_mm`` (mm) outside it (VS voxels left out); the new cochlea is the set
+    of voxels within ``max_mm`` of the old one, background or cochlea, brighter than the half-way grey and connected
+    (6-connectivity) to an old cochlea voxel that is. So it both grows into fluid and gives up bone. A component
+    whose fluid is not brighter than its bone (not a T2 contrast) is left as it is. ``spacing_zyx_mm``: mm."""
+    out = labels.copy()
+    comps = cc3d.connected_components(labels == COCHLEA, connectivity=26)
+    sp = np.asarray(spacing_zyx_mm, float)
+    pad = np.ceil((max_mm + bone_shell_mm) / sp).astype(int) + 1
+    for k, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
+        old, img, lab = comps[box] == k, image[box], labels[box]
+        d = ndimage.distance_transform_edt(~old, sampling=sp)
+        shell = (d > max_mm) & (d <= max_mm + bone_shell_mm) & (lab != VS)
+        if not shell.any():
+            continue
+        fluid, bone = float(np.quantile(img[old], fluid_quantile)), float(np.median(img[shell]))
+        if fluid <= bone:
+            continue
+        candidate = (d <= max_mm) & (img > (fluid + bone) / 2) & ((lab == 0) | old)
+        new = ndimage.binary_propagation(old & candidate, structure=ndimage.generate_binary_structure(3, 1),
+                                         mask=candidate)
+        view = out[box]
+        view[old & ~new] = 0
+        view[new] = COCHLEA
+    return out
 
 
 def ball(radius_mm: float, spacing_zyx_mm) -> np.ndarray:
