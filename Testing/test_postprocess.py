@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import cc3d
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
 from VSCochleaSegLib.localise import EarLocations, ears_from_probabilities
 from VSCochleaSegLib.geometry import GridSpec
+from VSCochleaSegLib.metrics import dice
 from VSCochleaSegLib.model_folder import PostprocessSpec
 from VSCochleaSegLib.postprocess import postprocess_labels, refine_cochlea_edges
 
@@ -158,16 +160,12 @@ def _fluid_ball(shape=(30, 30, 30), spacing=(1.0, 0.5, 0.5), radius_mm=3.0, flui
     return img.astype(np.float32), r <= radius_mm, sp
 
 
-def _dice(a, b):
-    return 2 * (a & b).sum() / (a.sum() + b.sum())
-
-
 def test_cochlea_refinement_moves_a_too_small_or_too_large_cochlea_to_the_fluid_edge():
     img, true, sp = _fluid_ball()
     for start in (ndimage.binary_erosion(true), ndimage.binary_dilation(true)):  # inside / outside the edge
         lab = start.astype(np.uint8) * 2
         out = refine_cochlea_edges(lab, img, sp, max_mm=1.0)
-        assert _dice(out == 2, true) > 0.93 > _dice(start, true) + 0.05
+        assert dice(out == 2, true) > 0.93 > dice(start, true) + 0.05
         assert set(np.unique(out)) <= {0, 2}
 
 
@@ -189,11 +187,10 @@ def test_cochlea_refinement_leaves_vs_and_other_structures_and_non_t2_contrast_a
                      np.array([6.0, 7.0, 15.0]), np.array([1.0, 0.0, 0.0]))
     off = postprocess_labels(small, ref, e, PostprocessSpec(False, False, 50.0, 0.0))
     on = postprocess_labels(small, ref, e, PostprocessSpec(False, False, 50.0, 0.0, cochlea_refine_mm=1.0))
-    assert (off == small).all() and _dice(on == 2, true) > _dice(small == 2, true) + 0.05
+    assert (off == small).all() and dice(on == 2, true) > dice(small == 2, true) + 0.05
 
 
 def test_cochlea_refinement_keys_are_optional_and_checked():
-    import pytest
     base = {"keep_largest_vs_per_side": True, "keep_largest_cochlea_per_side": True,
             "vs_max_z_distance_from_cochlea_mm": 20.0, "min_vs_volume_mm3": 0.0}
     assert PostprocessSpec.from_dict(base).cochlea_refine_mm == 0.0

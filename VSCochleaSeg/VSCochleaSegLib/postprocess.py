@@ -64,12 +64,12 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
         drop = ids[~keep]
         if len(drop):
             out[np.isin(comps, drop) & mask] = 0
+    image, spacing_zyx = sitk.GetArrayViewFromImage(reference), reference.GetSpacing()[::-1]
     if spec.cochlea_refine_mm > 0:
-        out = refine_cochlea_edges(out, sitk.GetArrayViewFromImage(reference), reference.GetSpacing()[::-1],
-                                   spec.cochlea_refine_mm, spec.cochlea_fluid_quantile)
+        out = refine_cochlea_edges(out, image, spacing_zyx, spec.cochlea_refine_mm, spec.cochlea_fluid_quantile)
     if spec.vs_grow_mm > 0:  # an empty VS grows nothing
-        out[grow_into_own_intensity(out == VS, sitk.GetArrayViewFromImage(reference), spec.vs_grow_mm,
-                                    spec.vs_grow_quantiles, reference.GetSpacing()[::-1], allowed=out == 0)] = VS
+        out[grow_into_own_intensity(out == VS, image, spec.vs_grow_mm, spec.vs_grow_quantiles, spacing_zyx,
+                                    allowed=out == 0)] = VS
     return out
 
 
