@@ -12,7 +12,7 @@ from VSCochleaSegLib.localise import EarLocations, ears_from_probabilities
 from VSCochleaSegLib.geometry import GridSpec
 from VSCochleaSegLib.metrics import dice
 from VSCochleaSegLib.model_folder import PostprocessSpec
-from VSCochleaSegLib.postprocess import postprocess_labels, refine_cochlea_edges
+from VSCochleaSegLib.postprocess import postprocess_labels, refine_cochlea_edges, trim_vs_edges
 
 SPEC = PostprocessSpec(True, True, 20.0, 0.0)
 
@@ -200,3 +200,43 @@ def test_cochlea_refinement_keys_are_optional_and_checked():
         PostprocessSpec.from_dict({**base, "cochlea_fluid_quantile": 1.5})
     with pytest.raises(Exception, match="cochlea_refine_mm"):
         PostprocessSpec.from_dict({**base, "cochlea_refine_mm": -1})
+
+
+def test_vs_trim_gives_a_border_drawn_into_the_csf_back_and_adds_nothing():
+    """A grey VS ball in bright CSF (T2), predicted 1–2 voxels too wide: the trim brings it back to the tumour's
+    edge (within its distance only); a prediction inside the edge is not grown; the cochlea and a VS in darker
+    tissue are left alone."""
+    img, true, sp = _fluid_ball(radius_mm=4.0, fluid=300.0, bone=900.0)  # "fluid" = tumour grey, "bone" = CSF
+    wide = ndimage.binary_dilation(true, iterations=2)  # 1 mm too wide in-plane, 2 mm in z
+    assert dice(trim_vs_edges(wide.astype(np.uint8), img, sp, max_mm=2.0) == 1, true) > 0.97
+    lab = wide.astype(np.uint8)
+    out = trim_vs_edges(lab, img, sp, max_mm=1.0)
+    assert 0.97 > dice(out == 1, true) > 0.88 > dice(wide, true) + 0.05  # the outer z layer is out of reach
+    assert not ((out == 1) & ~wide).any()
+    inner = ndimage.binary_erosion(true).astype(np.uint8)
+    assert (trim_vs_edges(inner, img, sp, max_mm=1.0) == inner).all()
+    with_cochlea = lab.copy()
+    with_cochlea[0:2, 0:2, 0:2] = 2
+    assert (trim_vs_edges(with_cochlea, img, sp, max_mm=1.0) == 2).sum() == 8
+    dark = (img.max() + img.min() - img).astype(np.float32)  # VS brighter than its surroundings: not T2 CSF
+    assert (trim_vs_edges(lab, dark, sp, max_mm=1.0) == lab).all()
+    # through postprocess_labels, only when the model folder asks for it
+    ref = sitk.GetImageFromArray(img)
+    ref.SetSpacing(tuple(float(v) for v in sp[::-1]))
+    e = EarLocations({"left": np.array([10.0, 7.0, 15.0]), "right": np.array([2.0, 7.0, 15.0])},
+                     np.array([6.0, 7.0, 15.0]), np.array([1.0, 0.0, 0.0]))
+    off = postprocess_labels(lab, ref, e, PostprocessSpec(False, False, 50.0, 0.0))
+    on = postprocess_labels(lab, ref, e, PostprocessSpec(False, False, 50.0, 0.0, vs_trim_mm=1.0))
+    assert (off == lab).all() and dice(on == 1, true) > dice(wide, true) + 0.05
+
+
+def test_vs_trim_keys_are_optional_and_checked():
+    base = {"keep_largest_vs_per_side": True, "keep_largest_cochlea_per_side": True,
+            "vs_max_z_distance_from_cochlea_mm": 20.0, "min_vs_volume_mm3": 0.0}
+    assert PostprocessSpec.from_dict(base).vs_trim_mm == 0.0
+    spec = PostprocessSpec.from_dict({**base, "vs_trim_mm": 1.0, "vs_csf_quantile": 0.75})
+    assert (spec.vs_trim_mm, spec.vs_csf_quantile) == (1.0, 0.75)
+    with pytest.raises(Exception, match="vs_csf_quantile"):
+        PostprocessSpec.from_dict({**base, "vs_csf_quantile": 2.0})
+    with pytest.raises(Exception, match="vs_trim_mm"):
+        PostprocessSpec.from_dict({**base, "vs_trim_mm": -0.5})

@@ -395,6 +395,38 @@ def test_pseudo_label_can_move_the_cochlea_edge_to_the_fluid_even_where_the_memb
         pseudo_label(probs, PseudoLabelConfig(**cfg, cochlea_refine_mm=1.0))
 
 
+
+def test_pseudo_label_can_give_the_csf_around_the_vs_back_to_the_background():
+    """A grey VS in bright CSF (T2) with a cochlea nearby: the members draw the VS 1 mm too wide and leave a 2 mm
+    IGNORE margin around it. With ``vs_trim_mm`` the CSF in the VS and in its margin is background; grey voxels
+    of the margin (partial volume, tissue) stay IGNORE; the cochlea is untouched."""
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    z, y, x = np.indices((16, 40, 40))
+    r = np.sqrt(((z - 8) * 1.0) ** 2 + ((y - 20) * 0.5) ** 2 + ((x - 20) * 0.5) ** 2)  # mm
+    true = r <= 4.0
+    image = (0.9 - 0.6 * np.clip(4.5 - r, 0, 1)).astype(np.float32)  # tumour 0.3, CSF 0.9, 1 mm ramp
+    cochlea = (np.abs(z - 8) <= 1) & (np.abs(y - 20) <= 2) & (x >= 36)
+    image[cochlea] = 1.0
+    tissue = (r > 5.1) & (r <= 5.8) & (y < 14)  # grey brain abutting the tumour, inside the margin
+    image[tissue] = 0.3
+    probs = np.zeros((3,) + image.shape, np.float32)
+    probs[0] = 1.0
+    probs[:, r <= 5.0] = np.array([0.0, 1.0, 0.0])[:, None]  # 1 mm too wide
+    probs[:, cochlea] = np.array([0.0, 0.0, 1.0])[:, None]
+    cfg = dict(spacing_zyx_mm=(1.0, 0.5, 0.5), min_cochlea_voxels=1, vs_ignore_margin_mm=2.0)
+    plain, _ = pseudo_label(probs, PseudoLabelConfig(**cfg), image=image)
+    assert ((plain == 1) == (r <= 5.0)).all() and (plain[(r > 5.1) & (r <= 6.5) & ~cochlea] == IGNORE).all()
+    out, _ = pseudo_label(probs, PseudoLabelConfig(**cfg, vs_trim_mm=1.0), image=image)
+    assert (out[r <= 3.9] == 1).all() and (out[r > 4.6] != 1).all()  # the edge at the half-way grey
+    csf = (r > 4.6) & (r <= 6.5) & ~cochlea & ~tissue
+    assert (out[csf] == 0).all()  # CSF taught as background, in the former VS rim and in the margin
+    assert (out[tissue] == IGNORE).all()
+    assert (out[cochlea] == 2).all()
+    with pytest.raises(ValueError, match="needs the crop image"):
+        pseudo_label(probs, PseudoLabelConfig(**cfg, vs_trim_mm=1.0))
+
 def test_pseudo_label_of_a_tumour_free_ear_can_leave_its_far_part_unlabelled():
     """The crop of the tumour-free ear reaches into the other cerebellopontine angle, where the scan's tumour is."""
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label
@@ -1080,6 +1112,69 @@ def test_patch_sampler_randomises_contrast_of_the_configured_share_of_patches():
         return sum(not np.allclose(xi[0].numpy(), img, atol=1e-2) for xi in x)
 
     assert changed(0.0) == 0 and changed(1.0) == 40 and 5 < changed(0.5) < 35
+
+
+
+def test_spatial_augmentation_rotates_image_and_labels_together_without_shear():
+    """A bright bar along x (non-square 2D patch, and a 3D slab) rotated by ±90° lies along y, with its label
+    on the same voxels; a zoom > 1 shrinks it; the ignore value survives; p = 0 changes nothing."""
+    from training.augment import augment_spatial
+
+    h, w = 40, 60
+    img = torch.zeros(4, 1, h, w)
+    img[:, :, 18:22, 10:50] = 1.0
+    lab = torch.zeros(4, 1, h, w, dtype=torch.int64)
+    lab[:, :, 18:22, 10:50] = 1
+    lab[:, :, 0:2, 0:2] = 255
+    g = torch.Generator().manual_seed(0)
+    x, y = augment_spatial(img, lab, g, p=0.0)
+    assert x is img and y is lab
+    x, y = augment_spatial(img, lab, g, p=1.0, rotation_degrees=90.0, scale_range=(1.0, 1.0))
+    assert set(torch.unique(y).tolist()) <= {0, 1, 255}
+    assert torch.equal((x > 0.5), (y == 1))  # the labels moved with the image
+    # Every sample turned by some angle in ±90°; the bar keeps its length in pixels (no shear from h != w).
+    for xi in x[:, 0]:
+        assert 30 < int((xi > 0.5).sum()) < 200
+    g = torch.Generator().manual_seed(1)
+    turned = None
+    for _ in range(50):  # find a near-90° draw: the bar then runs along y
+        x, y = augment_spatial(img[:1], lab[:1], g, p=1.0, rotation_degrees=90.0, scale_range=(1.0, 1.0))
+        rows, cols = torch.nonzero(y[0, 0] == 1, as_tuple=True)
+        if len(rows) and (rows.max() - rows.min()) > 35 and (cols.max() - cols.min()) < 8:
+            turned = y
+            break
+    assert turned is not None
+    g = torch.Generator().manual_seed(2)
+    x, y = augment_spatial(img, lab, g, p=1.0, rotation_degrees=0.0, scale_range=(1.6, 1.6))
+    assert int((y == 1).sum()) < 0.5 * int((lab == 1).sum())
+    vol = img[:, :, None].repeat(1, 1, 3, 1, 1)  # (B, C, Z, Y, X)
+    vlab = lab[:, :, None].repeat(1, 1, 3, 1, 1)
+    x, y = augment_spatial(vol, vlab, torch.Generator().manual_seed(0), p=1.0, rotation_degrees=45.0)
+    assert x.shape == vol.shape and torch.equal(y[:, :, 0], y[:, :, 2])  # z untouched: every slice the same
+
+
+def test_training_applies_spatial_augmentation_only_when_configured(tmp_path, monkeypatch):
+    """Off by default (batches reach the network as drawn); with ``spatial_probability`` 1 every batch of a
+    short CPU run is rotated/zoomed before the network sees it, and training finishes."""
+    from training import segmentation
+    from training.segmentation import TrainConfig, train_network
+
+    calls = []
+    original = segmentation.augment_spatial
+
+    def spy(x, y, g, p, *args):
+        out = original(x, y, g, p, *args)
+        calls.append((p, not torch.equal(out[0], x)))
+        return out
+
+    monkeypatch.setattr(segmentation, "augment_spatial", spy)
+    for p in (None, 1.0):
+        kw = {} if p is None else {"spatial_probability": p}
+        cfg = TrainConfig(network=TINY_NET2, patch_size_zyx=[24, 24], iterations=3, optimizer="adamw", threads=1, **kw)
+        sd = train_network(_tiny_arrays(), cfg, tmp_path / str(p), "net", progress=False)
+        assert sd
+    assert [c for c in calls if c[0] == 0.0] == [(0.0, False)] * 3
+    assert [c for c in calls if c[0] == 1.0] == [(1.0, True)] * 3
 
 
 def _ears_8mm_from_grid_centre(prob, volume, grid):

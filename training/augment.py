@@ -1,9 +1,10 @@
-"""nnU-Net-like intensity augmentation on batches (B, C, *spatial) in [0, ~1.5], in torch (C > 1: 2.5D slices).
+"""nnU-Net-like augmentation on batches (B, C, *spatial) in [0, ~1.5], in torch (C > 1: 2.5D slices).
 
-Spatial variety comes from the data itself (phantoms vary pose, obliquity and spacing; real data
-varies anyway) and from random crop positions; these transforms vary contrast, brightness, gamma,
-blur and noise, which is what scanner-to-scanner differences in hrT2 look like. ``random_contrast``
-(NumPy, on volumes or patches) is domain randomisation: the anatomy under a random intensity curve.
+``augment_intensity`` varies contrast, brightness, gamma, blur and noise, which is what scanner-to-scanner
+differences in hrT2 look like. ``augment_spatial`` is nnU-Net's rotation and scaling, in-plane only (the crops'
+y and x axes share one spacing; z is the coarse slice axis) and without mirroring (right ears are mirrored
+onto left ones by the crop, so left-right is anatomy, not noise). ``random_contrast`` (NumPy, on volumes or
+patches) is domain randomisation: the anatomy under a random intensity curve.
 """
 
 from __future__ import annotations
@@ -31,6 +32,45 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
         x = conv(F.pad(x, pad, mode="replicate"), k.view(shape))
     return x.transpose(0, 1)
+
+
+def augment_spatial(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, p: float = 0.2,
+                    rotation_degrees: float = 15.0, scale_range=(0.85, 1.25)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample in-plane rotation (uniform in ±``rotation_degrees``) and isotropic in-plane zoom (image size
+    over content size: a factor in ``scale_range``, > 1 shrinks the anatomy), each with probability ``p``, about
+    the patch centre. ``x`` (B, C, [Z,] Y, X) float, linear interpolation; ``y`` (B, 1, [Z,] Y, X) int64 labels,
+    nearest neighbour (the ignore value survives). Outside the patch: image 0, label background. Rotation is
+    in pixel units, so a non-square patch is rotated without shear. Returns new tensors; untouched samples are
+    copied exactly."""
+    if p <= 0:
+        return x, y
+    r = lambda: float(torch.rand(1, generator=g))  # noqa: E731
+    b = x.shape[0]
+    h, w = x.shape[-2], x.shape[-1]
+    thetas, moved = [], []
+    for _ in range(b):
+        angle = np.deg2rad((2 * r() - 1) * rotation_degrees) if r() < p else 0.0
+        zoom = scale_range[0] + (scale_range[1] - scale_range[0]) * r() if r() < p else 1.0
+        moved.append(angle != 0.0 or zoom != 1.0)
+        c, s = np.cos(angle), np.sin(angle)
+        # Output -> input, in normalised coordinates (x, y): D^-1 R D * zoom with D = diag(w/2, h/2).
+        a = np.array([[c, -s * h / w], [s * w / h, c]]) * zoom
+        thetas.append(a)
+    if not any(moved):
+        return x, y
+    theta2 = torch.tensor(np.stack(thetas), dtype=torch.float32)
+    if x.dim() == 4:
+        theta = torch.cat([theta2, torch.zeros(b, 2, 1)], 2)
+    else:  # 3D: (x, y, z) order; z untouched
+        theta = torch.zeros(b, 3, 4)
+        theta[:, :2, :2] = theta2
+        theta[:, 2, 2] = 1.0
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    xs = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ys = F.grid_sample(y.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).round().to(y.dtype)
+    keep = torch.tensor([not m for m in moved])
+    xs[keep], ys[keep] = x[keep].float(), y[keep]
+    return xs.to(x.dtype), ys
 
 
 def augment_intensity(x: torch.Tensor, g: torch.Generator, p: float = 0.15) -> torch.Tensor:

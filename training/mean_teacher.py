@@ -28,7 +28,7 @@ from VSCochleaSegLib.inference import cpu_has_fast_bf16
 from VSCochleaSegLib.networks import build_network, inference_state_dict
 
 from . import distributed
-from .augment import augment_intensity
+from .augment import augment_intensity, augment_spatial
 from .segmentation import PatchSampler, TrainConfig, _optimizer, set_poly_learning_rate
 
 
@@ -119,7 +119,7 @@ def train_mean_teacher(labelled: list, unlabelled: list, cfg: TrainConfig, mt: M
                    total=cfg.iterations)
         for it in bar:
             lr = set_poly_learning_rate(opt, cfg, it)
-            x, y = sampler.batch()
+            x, y = augment_spatial(*sampler.batch(), g, cfg.spatial_probability, cfg.rotation_degrees, cfg.scale_range)
             u, _ = u_sampler.batch()
             x = augment_intensity(x, g, cfg.augment_probability)
             u_student = augment_intensity(u, g, mt.view_augment_probability)

@@ -17,7 +17,9 @@ methods clean their outputs and filtered by confidence:
 - optionally (``vs_ignore_margin_mm``) background around a pseudo-labelled VS is IGNORE (members under-segment);
 - optionally (``vs_grow_mm``) each pseudo-VS is grown into connected voxels of its own intensity (members
   under-segment), and (``vs_open_mm``) opened with a ball so that a leak through a thin neck into the abutting
-  cerebellum or brainstem is cut off and becomes IGNORE;
+  cerebellum or brainstem is cut off and becomes IGNORE; (``vs_trim_mm``) the VS edge drawn into the CSF is
+  trimmed as the engine's post-processing does, and the voxels around the VS brighter than the half-way grey
+  between tumour and CSF are labelled background even inside the IGNORE margin (on T2 they are CSF);
 - optionally (``vs_free_ear_ignore_beyond_cochlea_mm``) the far (medial) part of a tumour-free ear's crop, which
   reaches into the other ear's cerebellopontine angle, is IGNORE;
 - optionally (``one_vs_per_scan``) the CrossMoDA prior that every scan holds one unilateral VS: the crops of
@@ -45,7 +47,7 @@ from tqdm import tqdm
 from VSCochleaSegLib.fusion import FUSERS
 from VSCochleaSegLib.inference import InferenceSettings, predict_softmax
 from VSCochleaSegLib.labels import COCHLEA, VS
-from VSCochleaSegLib.postprocess import ball, grow_into_own_intensity, refine_cochlea_edges
+from VSCochleaSegLib.postprocess import ball, grow_into_own_intensity, refine_cochlea_edges, vs_csf_half_way
 
 from .segmentation import IGNORE
 
@@ -116,6 +118,13 @@ class PseudoLabelConfig:
     # unsure. Needs the crop image. 0 = off.
     cochlea_refine_mm: float = 0.0
     cochlea_fluid_quantile: float = 0.9
+    # Label-free CSF around the pseudo-VS (the engine's ``postprocess.vs_trim_mm``): after growing and opening, the
+    # VS voxels within this distance (mm) of its edge brighter than the half-way grey between the tumour and the CSF
+    # around it (the ``vs_csf_quantile`` of a 1 mm shell) become background, and so do the voxels of its IGNORE
+    # margin (``vs_ignore_margin_mm``) that are brighter than that grey: the members learn where the tumour ends
+    # against CSF instead of never being told. Needs the crop image. 0 = off.
+    vs_trim_mm: float = 0.0
+    vs_csf_quantile: float = 0.9
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -251,8 +260,20 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         kept = open_vs(vs, cfg.vs_open_mm, cfg.spacing_zyx_mm) if vs.any() else vs
         if kept.any():  # a VS thinner than the ball everywhere is left as it is
             labels[vs & ~kept] = IGNORE
+    half_way = None
+    if cfg.vs_trim_mm > 0 and (labels == VS).any():
+        if image is None:
+            raise ValueError("vs_trim_mm needs the crop image")
+        img = np.asarray(image, np.float32)
+        half_way, inside = vs_csf_half_way(labels == VS, img, cfg.spacing_zyx_mm, cfg.vs_trim_mm,
+                                           cfg.vs_csf_quantile, shell_excluded=labels == COCHLEA)
+        if half_way is not None:
+            labels[(labels == VS) & (inside <= cfg.vs_trim_mm) & (img > half_way)] = 0
     if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():
-        labels[(_distance_mm(labels == VS, cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm) & (labels == 0)] = IGNORE
+        margin = _distance_mm(labels == VS, cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm
+        labels[margin & (labels == 0)] = IGNORE
+        if half_way is not None:  # CSF in the margin: background, whatever made it IGNORE
+            labels[margin & (labels == IGNORE) & (img > half_way)] = 0
     labels[hard_negative] = 0
     return labels, confidence
 

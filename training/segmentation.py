@@ -28,7 +28,7 @@ from VSCochleaSegLib.model_folder import NetworkSpec
 from VSCochleaSegLib.networks import build_network, inference_state_dict, load_inference_state_dict
 
 from . import distributed
-from .augment import augment_intensity, random_contrast, randomise_label_intensity
+from .augment import augment_intensity, augment_spatial, random_contrast, randomise_label_intensity
 
 
 @dataclass
@@ -45,6 +45,11 @@ class TrainConfig:
     oversample_vs: float = 0.33
     oversample_cochlea: float = 0.17
     augment_probability: float = 0.15
+    # nnU-Net's spatial augmentation (``augment.augment_spatial``): per-sample probability of an in-plane
+    # rotation within ±rotation_degrees and, independently, of a zoom in scale_range; 0 = off.
+    spatial_probability: float = 0.0
+    rotation_degrees: float = 15.0
+    scale_range: list = field(default_factory=lambda: [0.85, 1.25])
     # Domain randomisation: share of training patches passed through a fresh random intensity curve
     # (``augment.random_contrast``) before the nnU-Net intensity augmentation; 0 = off (plain nnU-Net).
     random_contrast_probability: float = 0.0
@@ -250,7 +255,7 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
                    total=cfg.iterations)
         for it in bar:
             lr = set_poly_learning_rate(opt, cfg, it)
-            x, y = sampler.batch()
+            x, y = augment_spatial(*sampler.batch(), g, cfg.spatial_probability, cfg.rotation_degrees, cfg.scale_range)
             x = augment_intensity(x, g, cfg.augment_probability).to(dev)
             y = y.to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -460,6 +460,11 @@ class PostprocessSpec(_Spec):
     # its own intensities) and the bone around it. 0 = off (optional keys).
     cochlea_refine_mm: float = 0.0
     cochlea_fluid_quantile: float = 0.9
+    # On T2 a VS is darker than the CSF around it: voxels within this distance (mm) of each kept VS's edge that
+    # are brighter than the half-way grey between the tumour (median of its core) and the CSF (this quantile of
+    # a shell around it) are given back to the background, before any growing. 0 = off (optional keys).
+    vs_trim_mm: float = 0.0
+    vs_csf_quantile: float = 0.9
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = MODEL_JSON, field: str = "postprocess") -> PostprocessSpec:
@@ -475,7 +480,9 @@ class PostprocessSpec(_Spec):
                    vs_grow_mm=obj.number("vs_grow_mm", default=0.0, minimum=0.0),
                    vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", cls.vs_grow_quantiles),
                    cochlea_refine_mm=obj.number("cochlea_refine_mm", default=0.0, minimum=0.0),
-                   cochlea_fluid_quantile=_quantile(obj, "cochlea_fluid_quantile", cls.cochlea_fluid_quantile))
+                   cochlea_fluid_quantile=_quantile(obj, "cochlea_fluid_quantile", cls.cochlea_fluid_quantile),
+                   vs_trim_mm=obj.number("vs_trim_mm", default=0.0, minimum=0.0),
+                   vs_csf_quantile=_quantile(obj, "vs_csf_quantile", cls.vs_csf_quantile))
 
 
 def _quantile(obj: _JsonObject, key: str, default: float) -> float:

@@ -8,7 +8,8 @@ within a set 3D distance of that side's cochlea centre are dropped *before* the 
 false "VS" in the cerebellum cannot displace a smaller true one. Optionally, first of all, the VS mask is opened
 with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Optionally, once the
 components are chosen, each kept cochlea's edge is moved to the half-way grey between its fluid and the bone
-around it (T2: bright fluid in dark bone). Optionally, last of all, each kept VS is grown by at most a set distance
+around it (T2: bright fluid in dark bone), and each kept VS gives up the voxels on its edge that are brighter than
+the half-way grey between the tumour and the CSF around it (T2: a VS is darker than CSF). Optionally, last of all, each kept VS is grown by at most a set distance
 (mm) into connected voxels of its own intensity (members trained on translated images draw the tumour's border too
 far inside it). Thresholds come from the model folder's ``postprocess`` section.
 """
@@ -67,6 +68,8 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
     image, spacing_zyx = sitk.GetArrayViewFromImage(reference), reference.GetSpacing()[::-1]
     if spec.cochlea_refine_mm > 0:
         out = refine_cochlea_edges(out, image, spacing_zyx, spec.cochlea_refine_mm, spec.cochlea_fluid_quantile)
+    if spec.vs_trim_mm > 0:
+        out = trim_vs_edges(out, image, spacing_zyx, spec.vs_trim_mm, spec.vs_csf_quantile)
     if spec.vs_grow_mm > 0:  # an empty VS grows nothing
         out[grow_into_own_intensity(out == VS, image, spec.vs_grow_mm, spec.vs_grow_quantiles, spacing_zyx,
                                     allowed=out == 0)] = VS
@@ -95,6 +98,18 @@ def grow_into_own_intensity(mask: np.ndarray, image: np.ndarray, max_mm: float, 
     return added
 
 
+def _components_in_boxes(mask: np.ndarray, margin_mm: float, spacing_zyx_mm):
+    """Yield (component mask, box) for each 26-connected component of ``mask`` (bool (z, y, x)): ``box`` (a tuple
+    of slices) is its bounding box widened by ``margin_mm`` (mm) and one voxel, clipped to the array; the mask is
+    the component alone, on the box."""
+    comps = cc3d.connected_components(mask, connectivity=26)
+    pad = np.ceil(margin_mm / np.asarray(spacing_zyx_mm, float)).astype(int) + 1
+    for k, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is not None:
+            box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
+            yield comps[box] == k, box
+
+
 def refine_cochlea_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm: float,
                          fluid_quantile: float = 0.9, bone_shell_mm: float = 1.0) -> np.ndarray:
     """Copy of ``labels`` (z, y, x) uint8 whose cochleae end where the image says the fluid ends.
@@ -107,14 +122,9 @@ def refine_cochlea_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, 
     (6-connectivity) to an old cochlea voxel that is. So it both grows into fluid and gives up bone. A component
     whose fluid is not brighter than its bone (not a T2 contrast) is left as it is. ``spacing_zyx_mm``: mm."""
     out = labels.copy()
-    comps = cc3d.connected_components(labels == COCHLEA, connectivity=26)
     sp = np.asarray(spacing_zyx_mm, float)
-    pad = np.ceil((max_mm + bone_shell_mm) / sp).astype(int) + 1
-    for k, box in enumerate(ndimage.find_objects(comps), start=1):
-        if box is None:
-            continue
-        box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
-        old, img, lab = comps[box] == k, image[box], labels[box]
+    for old, box in _components_in_boxes(labels == COCHLEA, max_mm + bone_shell_mm, sp):
+        img, lab = image[box], labels[box]
         d = ndimage.distance_transform_edt(~old, sampling=sp)
         shell = (d > max_mm) & (d <= max_mm + bone_shell_mm) & (lab != VS)
         if not shell.any():
@@ -128,6 +138,46 @@ def refine_cochlea_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, 
         view = out[box]
         view[old & ~new] = 0
         view[new] = COCHLEA
+    return out
+
+
+def vs_csf_half_way(vs: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm: float, csf_quantile: float = 0.9,
+                    shell_mm: float = 1.0, shell_excluded: np.ndarray | None = None):
+    """The half-way grey between one VS (bool mask (z, y, x) on ``image``'s grid) and the CSF around it, and the
+    distance (mm) of each voxel inside the VS to its edge; ``(None, inside)`` when the surroundings are not
+    brighter than the tumour (not a T2 contrast, or no CSF there). Tumour grey = the median of the VS voxels deeper
+    than ``max_mm`` (mm) from its edge (all of them when none is); CSF grey = the ``csf_quantile`` of the shell up to
+    ``shell_mm`` (mm) outside it, ``shell_excluded`` voxels (e.g. the cochlea) left out."""
+    sp = np.asarray(spacing_zyx_mm, float)
+    inside = ndimage.distance_transform_edt(vs, sampling=sp)  # a VS voxel's distance to the nearest non-VS one
+    outside = ndimage.distance_transform_edt(~vs, sampling=sp)
+    shell = (outside > 0) & (outside <= shell_mm)
+    if shell_excluded is not None:
+        shell &= ~shell_excluded
+    if not shell.any() or not vs.any():
+        return None, inside
+    core = vs & (inside > max_mm)
+    tumour = float(np.median(image[core if core.any() else vs]))
+    csf = float(np.quantile(image[shell], csf_quantile))
+    return ((tumour + csf) / 2 if csf > tumour else None), inside
+
+
+def trim_vs_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm: float, csf_quantile: float = 0.9,
+                  shell_mm: float = 1.0) -> np.ndarray:
+    """Copy of ``labels`` (z, y, x) uint8 whose VS components end where the CSF around them begins.
+
+    On T2 a VS is grey and the CSF of the cerebellopontine angle and the internal auditory canal bright; a VS
+    border drawn into the CSF carries voxels brighter than the half-way grey between the two
+    (:func:`vs_csf_half_way`, cochlea voxels out of the CSF shell). For each VS component (26-connected), its
+    voxels within ``max_mm`` (mm) of its edge that are brighter than that grey become background. A component
+    whose surroundings are not brighter than it is left as it is. Nothing is added."""
+    out = labels.copy()
+    sp = np.asarray(spacing_zyx_mm, float)
+    for vs, box in _components_in_boxes(labels == VS, max_mm + shell_mm, sp):
+        img = image[box]
+        half_way, inside = vs_csf_half_way(vs, img, sp, max_mm, csf_quantile, shell_mm, labels[box] == COCHLEA)
+        if half_way is not None:
+            out[box][vs & (inside <= max_mm) & (img > half_way)] = 0
     return out
 
 
