@@ -1115,6 +1115,20 @@ def test_patch_sampler_randomises_contrast_of_the_configured_share_of_patches():
 
 
 
+def test_patch_sampler_lists_the_foreground_of_a_repeated_array_once():
+    """Self-training repeats the pseudo-labelled crops hundreds of times (``pseudo_fraction`` near 1): the sampler
+    shares one foreground list per distinct array instead of one per repetition (memory grew past 20 GB)."""
+    from training.segmentation import PatchSampler, TrainConfig
+
+    img = np.zeros((4, 16, 16), np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[1:3, 6:9, 6:9] = 1
+    other = lab.copy()
+    arrays = [(img, other)] + [(img, lab)] * 500
+    sampler = PatchSampler(arrays, TrainConfig(network={}, patch_size_zyx=[4, 16, 16]), np.random.default_rng(0))
+    assert len(sampler.fg) == 501 and len({id(f) for f in sampler.fg}) == 2
+    assert len(sampler.fg[1][1]) == 2 * 3 * 3 and len(sampler.fg[0][2]) == 0
+
 def test_spatial_augmentation_rotates_image_and_labels_together_without_shear():
     """A bright bar along x (non-square 2D patch, and a 3D slab) rotated by ±90° lies along y, with its label
     on the same voxels; a zoom > 1 shrinks it; the ignore value survives; p = 0 changes nothing."""

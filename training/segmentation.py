@@ -102,7 +102,14 @@ class PatchSampler:
 
     def __init__(self, arrays: list, cfg: TrainConfig, rng: np.random.Generator):
         self.arrays, self.cfg, self.rng = arrays, cfg, rng
-        self.fg = [{c: np.argwhere(lab == c) for c in (1, 2)} for _, lab in arrays]
+        # Foreground voxel lists per array, computed once per distinct label array: self-training repeats the
+        # pseudo-labelled crops (the same arrays) hundreds of times to reach its share of the draws.
+        seen: dict[int, dict] = {}
+        self.fg = []
+        for _, lab in arrays:
+            if id(lab) not in seen:
+                seen[id(lab)] = {c: np.argwhere(lab == c) for c in (1, 2)}
+            self.fg.append(seen[id(lab)])
         self.channels = cfg.network_spec.in_channels if len(cfg.patch_size_zyx) == 2 else 1
 
     def batch(self):
