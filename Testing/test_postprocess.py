@@ -190,18 +190,6 @@ def test_cochlea_refinement_leaves_vs_and_other_structures_and_non_t2_contrast_a
     assert (off == small).all() and dice(on == 2, true) > dice(small == 2, true) + 0.05
 
 
-def test_cochlea_refinement_keys_are_optional_and_checked():
-    base = {"keep_largest_vs_per_side": True, "keep_largest_cochlea_per_side": True,
-            "vs_max_z_distance_from_cochlea_mm": 20.0, "min_vs_volume_mm3": 0.0}
-    assert PostprocessSpec.from_dict(base).cochlea_refine_mm == 0.0
-    spec = PostprocessSpec.from_dict({**base, "cochlea_refine_mm": 1.0, "cochlea_fluid_quantile": 0.8})
-    assert (spec.cochlea_refine_mm, spec.cochlea_fluid_quantile) == (1.0, 0.8)
-    with pytest.raises(Exception, match="cochlea_fluid_quantile"):
-        PostprocessSpec.from_dict({**base, "cochlea_fluid_quantile": 1.5})
-    with pytest.raises(Exception, match="cochlea_refine_mm"):
-        PostprocessSpec.from_dict({**base, "cochlea_refine_mm": -1})
-
-
 def test_vs_trim_gives_a_border_drawn_into_the_csf_back_and_adds_nothing():
     """A grey VS ball in bright CSF (T2), predicted 1–2 voxels too wide: the trim brings it back to the tumour's
     edge (within its distance only); a prediction inside the edge is not grown; the cochlea and a VS in darker
@@ -230,13 +218,17 @@ def test_vs_trim_gives_a_border_drawn_into_the_csf_back_and_adds_nothing():
     assert (off == lab).all() and dice(on == 1, true) > dice(wide, true) + 0.05
 
 
-def test_vs_trim_keys_are_optional_and_checked():
+@pytest.mark.parametrize("distance_key, quantile_key, quantile, bad_quantile, bad_distance", [
+    ("cochlea_refine_mm", "cochlea_fluid_quantile", 0.8, 1.5, -1),
+    ("vs_trim_mm", "vs_csf_quantile", 0.75, 2.0, -0.5),
+])
+def test_intensity_edge_keys_are_optional_and_checked(distance_key, quantile_key, quantile, bad_quantile, bad_distance):
     base = {"keep_largest_vs_per_side": True, "keep_largest_cochlea_per_side": True,
             "vs_max_z_distance_from_cochlea_mm": 20.0, "min_vs_volume_mm3": 0.0}
-    assert PostprocessSpec.from_dict(base).vs_trim_mm == 0.0
-    spec = PostprocessSpec.from_dict({**base, "vs_trim_mm": 1.0, "vs_csf_quantile": 0.75})
-    assert (spec.vs_trim_mm, spec.vs_csf_quantile) == (1.0, 0.75)
-    with pytest.raises(Exception, match="vs_csf_quantile"):
-        PostprocessSpec.from_dict({**base, "vs_csf_quantile": 2.0})
-    with pytest.raises(Exception, match="vs_trim_mm"):
-        PostprocessSpec.from_dict({**base, "vs_trim_mm": -0.5})
+    assert getattr(PostprocessSpec.from_dict(base), distance_key) == 0.0
+    spec = PostprocessSpec.from_dict({**base, distance_key: 1.0, quantile_key: quantile})
+    assert (getattr(spec, distance_key), getattr(spec, quantile_key)) == (1.0, quantile)
+    with pytest.raises(Exception, match=quantile_key):
+        PostprocessSpec.from_dict({**base, quantile_key: bad_quantile})
+    with pytest.raises(Exception, match=distance_key):
+        PostprocessSpec.from_dict({**base, distance_key: bad_distance})

@@ -395,7 +395,6 @@ def test_pseudo_label_can_move_the_cochlea_edge_to_the_fluid_even_where_the_memb
         pseudo_label(probs, PseudoLabelConfig(**cfg, cochlea_refine_mm=1.0))
 
 
-
 def test_pseudo_label_can_give_the_csf_around_the_vs_back_to_the_background():
     """A grey VS in bright CSF (T2) with a cochlea nearby: the members draw the VS 1 mm too wide and leave a 2 mm
     IGNORE margin around it. With ``vs_trim_mm`` the CSF in the VS and in its margin is background; grey voxels
@@ -426,6 +425,7 @@ def test_pseudo_label_can_give_the_csf_around_the_vs_back_to_the_background():
     assert (out[cochlea] == 2).all()
     with pytest.raises(ValueError, match="needs the crop image"):
         pseudo_label(probs, PseudoLabelConfig(**cfg, vs_trim_mm=1.0))
+
 
 def test_pseudo_label_of_a_tumour_free_ear_can_leave_its_far_part_unlabelled():
     """The crop of the tumour-free ear reaches into the other cerebellopontine angle, where the scan's tumour is."""
@@ -1114,7 +1114,6 @@ def test_patch_sampler_randomises_contrast_of_the_configured_share_of_patches():
     assert changed(0.0) == 0 and changed(1.0) == 40 and 5 < changed(0.5) < 35
 
 
-
 def test_patch_sampler_lists_the_foreground_of_a_repeated_array_once():
     """Self-training repeats the pseudo-labelled crops hundreds of times (``pseudo_fraction`` near 1): the sampler
     shares one foreground list per distinct array instead of one per repetition (memory grew past 20 GB)."""
@@ -1128,6 +1127,7 @@ def test_patch_sampler_lists_the_foreground_of_a_repeated_array_once():
     sampler = PatchSampler(arrays, TrainConfig(network={}, patch_size_zyx=[4, 16, 16]), np.random.default_rng(0))
     assert len(sampler.fg) == 501 and len({id(f) for f in sampler.fg}) == 2
     assert len(sampler.fg[1][1]) == 2 * 3 * 3 and len(sampler.fg[0][2]) == 0
+
 
 def test_spatial_augmentation_rotates_image_and_labels_together_without_shear():
     """A bright bar along x (non-square 2D patch, and a 3D slab) rotated by ±90° lies along y, with its label

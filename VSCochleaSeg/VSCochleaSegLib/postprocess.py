@@ -9,9 +9,9 @@ false "VS" in the cerebellum cannot displace a smaller true one. Optionally, fir
 with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Optionally, once the
 components are chosen, each kept cochlea's edge is moved to the half-way grey between its fluid and the bone
 around it (T2: bright fluid in dark bone), and each kept VS gives up the voxels on its edge that are brighter than
-the half-way grey between the tumour and the CSF around it (T2: a VS is darker than CSF). Optionally, last of all, each kept VS is grown by at most a set distance
-(mm) into connected voxels of its own intensity (members trained on translated images draw the tumour's border too
-far inside it). Thresholds come from the model folder's ``postprocess`` section.
+the half-way grey between the tumour and the CSF around it (T2: a VS is darker than CSF). Optionally, last of all,
+each kept VS is grown by at most a set distance (mm) into connected voxels of its own intensity (members trained on
+translated images draw the tumour's border too far inside it). Thresholds come from the model folder's ``postprocess`` section.
 """
 
 from __future__ import annotations
