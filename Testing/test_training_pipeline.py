@@ -1114,6 +1114,27 @@ def test_patch_sampler_randomises_contrast_of_the_configured_share_of_patches():
     assert changed(0.0) == 0 and changed(1.0) == 40 and 5 < changed(0.5) < 35
 
 
+
+def test_patch_sampler_per_array_contrast_probability_overrides_the_config():
+    """Self-training's ``real_random_contrast_probability``: the real crops (here the second array, marked by a
+    constant image) keep their grey levels while the fakes are randomised as configured."""
+    from training.segmentation import PatchSampler, TrainConfig
+
+    fake = np.zeros((4, 16, 16), np.float32)
+    fake[:, 4:12, 4:12] = np.linspace(0.1, 1.4, 64).reshape(8, 8)
+    real = fake.copy()
+    real[0, 0, 0] = 0.5  # tells the arrays apart in the batch
+    lab = np.zeros(fake.shape, np.uint8)
+    cfg = TrainConfig(network={}, patch_size_zyx=[4, 16, 16], batch_size=60, random_contrast_probability=0.2,
+                      oversample_vs=0.0, oversample_cochlea=0.0)
+    x, _ = PatchSampler([(fake, lab), (real, lab)], cfg, np.random.default_rng(1), [1.0, 0.0]).batch()
+    x = x[:, 0].numpy()
+    is_real = np.array([np.allclose(xi, real, atol=1e-2) for xi in x])  # a real crop, never randomised
+    assert 15 < is_real.sum() < 45  # about half the draws: real crops were never randomised
+    assert not any(np.allclose(xi, fake, atol=1e-2) for xi in x[~is_real])  # the fakes always were
+    with pytest.raises(ValueError, match="2 contrast probabilities for 1 arrays"):
+        PatchSampler([(fake, lab)], cfg, np.random.default_rng(0), [1.0, 0.0])
+
 def test_patch_sampler_lists_the_foreground_of_a_repeated_array_once():
     """Self-training repeats the pseudo-labelled crops hundreds of times (``pseudo_fraction`` near 1): the sampler
     shares one foreground list per distinct array instead of one per repetition (memory grew past 20 GB)."""
@@ -1404,6 +1425,35 @@ def test_self_training_can_draw_source_tumours_into_the_tumour_free_real_ears(me
     for arrays in trained:  # every member sees the host and both drawn copies
         ids = {id(img) for img, _ in arrays}
         assert id(free[0]) in ids and all(id(img) in ids for img, _ in drawn)
+
+
+def test_self_training_can_spare_the_real_crops_the_random_contrast(method_a_run, uda_data, tmp_path, monkeypatch):
+    """``self_training.real_random_contrast_probability``: the pseudo-labelled real crops get their own
+    probability (here none), the fake hrT2 crops keep the members' ``random_contrast_probability``."""
+    from training import pipeline
+
+    out, _, _ = method_a_run
+    for stage in ("prepare", "translate_localiser", "localiser", "target_crops", "translate_crops", "segment",
+                  "pseudo_labels"):
+        os.symlink(out / stage, tmp_path / stage)
+    cfg = tiny_config()
+    cfg["self_training"] = {"mode": "pseudo_labels", "pseudo_fraction": 0.5, "real_random_contrast_probability": 0.0,
+                            "train": {"iterations": 1, "random_contrast_probability": 0.4}}
+    run = pipeline.Run(uda_data, tmp_path, cfg, FakeBackend(fail=True), progress=False)
+    host = pipeline._target_crops(run)[0][1]
+    real = (host, np.zeros(host.shape, np.uint8))
+    monkeypatch.setattr(pipeline, "_pseudo_arrays", lambda folder: [real])
+    seen = []
+    real_train = pipeline.train_network
+    monkeypatch.setattr(pipeline, "train_network", lambda arrays, *a, **k: seen.append(
+        (arrays, k["contrast_probability"])) or real_train(arrays, *a, **k))
+    run.stage("self_train", lambda d: pipeline.stage_self_train(run, d))
+    assert seen
+    for arrays, contrast in seen:
+        assert len(contrast) == len(arrays)
+        is_real = [lab is real[1] for _, lab in arrays]
+        assert 0 < sum(is_real) < len(arrays)
+        assert all(p == (0.0 if r else 0.4) for p, r in zip(contrast, is_real))
 
 
 def test_translation_target_scans_limit_the_translators_and_checks_not_the_pseudo_labels(method_a_run, uda_data,

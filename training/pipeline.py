@@ -766,7 +766,8 @@ def _match_fake_tumours(fake_by_case: list, references: list, setting: dict, see
 def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, st: dict) -> dict:
     """One self-training round: every member trained again in ``d`` on fake hrT2 + ``pseudo`` [(image, label)]
     (repeated so they make ``pseudo_fraction`` of the draws); with ``warm_start`` fine-tuned from its weights in
-    ``init_dir``. Returns the ``_train_members`` record."""
+    ``init_dir``; ``real_random_contrast_probability`` (default: the members' ``random_contrast_probability``)
+    applies to the real crops, which need no domain randomisation. Returns the ``_train_members`` record."""
     share = float(st.get("pseudo_fraction", 0.5))
     match = st.get("fake_vs_match")
     references = _real_tumour_references(pseudo, match) if match else []  # real pseudo-labels only, not drawn ones
@@ -789,9 +790,15 @@ def _retrain_on_pseudo_labels(run: Run, d: Path, pseudo: list, init_dir: Path, s
         reps = max(1, int(round(share / (1 - share) * len(labelled) / len(pseudo))))
         return labelled + pseudo * reps
 
+    real_contrast = st.get("real_random_contrast_probability")  # None: as the fakes
+    real_ids = {id(lab) for _, lab in pseudo}
+
     def trainer(arrays, tcfg, dd, name, run):
         init = init_dir / f"{name}.safetensors" if st.get("warm_start", False) else None
-        return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init)
+        contrast = None if real_contrast is None else [
+            float(real_contrast) if id(lab) in real_ids else tcfg.random_contrast_probability for _, lab in arrays]
+        return train_network(arrays, tcfg, dd, name, progress=run.progress, init_from=init,
+                             contrast_probability=contrast)
 
     record = _train_members(run, d, mix, trainer, st.get("train"), fake)
     if match:  # 0: no pseudo-labelled tumour was large enough, the fakes were left as translated

@@ -98,10 +98,16 @@ class PatchSampler:
 
     ``batch()`` returns images (B, C, *patch) float32 and labels (B, 1, *patch) int64; C is the network's
     ``in_channels`` (2D networks with C = 2k + 1 get each slice with its k neighbours on either side, the
-    labels of the centre slice)."""
+    labels of the centre slice). ``contrast_probability`` (one value per array) replaces the config's
+    ``random_contrast_probability`` array by array (self-training: none on the real crops, say)."""
 
-    def __init__(self, arrays: list, cfg: TrainConfig, rng: np.random.Generator):
+    def __init__(self, arrays: list, cfg: TrainConfig, rng: np.random.Generator,
+                 contrast_probability: list[float] | None = None):
         self.arrays, self.cfg, self.rng = arrays, cfg, rng
+        if contrast_probability is not None and len(contrast_probability) != len(arrays):
+            raise ValueError(f"{len(contrast_probability)} contrast probabilities for {len(arrays)} arrays")
+        self.contrast = (list(contrast_probability) if contrast_probability is not None
+                         else [cfg.random_contrast_probability] * len(arrays))
         # Foreground voxel lists per array, computed once per distinct label array: self-training repeats the
         # pseudo-labelled crops (the same arrays) hundreds of times to reach its share of the draws.
         seen: dict[int, dict] = {}
@@ -128,7 +134,7 @@ class PatchSampler:
                 pi, pl = _random_patch(src, lab[z], self.cfg.patch_size_zyx, self.rng, None if centre is None else centre[1:])
             else:
                 pi, pl = _random_patch(img, lab, self.cfg.patch_size_zyx, self.rng, centre)
-            if self.cfg.random_contrast_probability and self.rng.random() < self.cfg.random_contrast_probability:
+            if self.contrast[k] and self.rng.random() < self.contrast[k]:
                 pi = random_contrast(pi, self.rng).astype(np.float32)
                 if self.cfg.random_contrast_vs_independent:
                     pi = randomise_label_intensity(pi, pl, self.rng)
@@ -205,9 +211,10 @@ def load_initial_weights(net: torch.nn.Module, path: Path) -> None:
 
 
 def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, progress: bool = True,
-                  init_from: Path | None = None) -> dict:
+                  init_from: Path | None = None, contrast_probability: list[float] | None = None) -> dict:
     """Train and return the inference state dict. Resumes from ``out_dir/<name>_checkpoint.pt`` if present;
     otherwise ``init_from`` (another run's checkpoint of the same network) gives the starting weights.
+    ``contrast_probability``: per-array random-contrast probability (:class:`PatchSampler`).
     Under torchrun the network is wrapped in DistributedDataParallel (``training.distributed``); each rank
     draws its own batches and rank 0 alone writes checkpoints and logs."""
     out_dir = Path(out_dir)
@@ -243,7 +250,7 @@ def train_network(arrays: list, cfg: TrainConfig, out_dir: Path, name: str, prog
     main = distributed.is_main()
     if main:
         (out_dir / f"{name}_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    sampler = PatchSampler(arrays, cfg, rng)
+    sampler = PatchSampler(arrays, cfg, rng, contrast_probability)
     class_weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, dtype=torch.float32, device=dev)
     loss_fn = DiceCEWithIgnore(class_weights)
     weights = np.array([1.0, 0.5, 0.25])
