@@ -47,7 +47,7 @@ from tqdm import tqdm
 from VSCochleaSegLib.fusion import FUSERS
 from VSCochleaSegLib.inference import InferenceSettings, predict_softmax
 from VSCochleaSegLib.labels import COCHLEA, VS
-from VSCochleaSegLib.postprocess import ball, grow_into_own_intensity, refine_cochlea_edges, vs_csf_half_way
+from VSCochleaSegLib.postprocess import ball, grow_into_own_intensity, refine_cochlea_edges, vs_edge_in_csf
 
 from .segmentation import IGNORE
 
@@ -193,7 +193,8 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
     """(labels uint8 (z, y, x): 0, VS, COCHLEA or IGNORE, case confidence in [0, 1]) from fused probabilities
     (C, z, y, x). ``vs_free``: the crop is known to hold no tumour (its label map is not trimmed to the cochlea
     surroundings, and any "VS" found in it becomes IGNORE). ``image``: the crop (z, y, x), for ``vs_grow_mm`` and
-    ``cochlea_refine_mm``."""
+    ``cochlea_refine_mm`` and ``vs_trim_mm``."""
+    img = None if image is None else np.asarray(image, np.float32)  # converted once for every intensity rule
     labels = probs.argmax(0).astype(np.uint8)
     top = probs.max(0)
     unsure = top < cfg.min_voxel_confidence
@@ -228,8 +229,8 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
             if image is None:
                 raise ValueError("cochlea_refine_mm needs the crop image")
             members_cochlea = labels == COCHLEA  # the case confidence stays the members'
-            labels = refine_cochlea_edges(labels, np.asarray(image, np.float32), cfg.spacing_zyx_mm,
-                                          cfg.cochlea_refine_mm, cfg.cochlea_fluid_quantile)
+            labels = refine_cochlea_edges(labels, img, cfg.spacing_zyx_mm, cfg.cochlea_refine_mm,
+                                          cfg.cochlea_fluid_quantile)
             unsure &= labels != COCHLEA
             dropped &= labels != COCHLEA
     fg = (labels == VS) | (labels == COCHLEA if members_cochlea is None else members_cochlea)
@@ -254,7 +255,7 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
     if cfg.vs_grow_mm > 0 and (labels == VS).any():
         if image is None:
             raise ValueError("vs_grow_mm needs the crop image")
-        labels[grow_vs(labels, np.asarray(image, np.float32), cfg, hard_negative)] = VS
+        labels[grow_vs(labels, img, cfg, hard_negative)] = VS
     if cfg.vs_open_mm > 0:
         vs = labels == VS
         kept = open_vs(vs, cfg.vs_open_mm, cfg.spacing_zyx_mm) if vs.any() else vs
@@ -264,11 +265,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
     if cfg.vs_trim_mm > 0 and (labels == VS).any():
         if image is None:
             raise ValueError("vs_trim_mm needs the crop image")
-        img = np.asarray(image, np.float32)
-        half_way, inside = vs_csf_half_way(labels == VS, img, cfg.spacing_zyx_mm, cfg.vs_trim_mm,
-                                           cfg.vs_csf_quantile, shell_excluded=labels == COCHLEA)
-        if half_way is not None:
-            labels[(labels == VS) & (inside <= cfg.vs_trim_mm) & (img > half_way)] = 0
+        half_way, edge = vs_edge_in_csf(labels == VS, img, cfg.spacing_zyx_mm, cfg.vs_trim_mm,
+                                        cfg.vs_csf_quantile, shell_excluded=labels == COCHLEA)
+        labels[edge] = 0
     if cfg.vs_ignore_margin_mm > 0 and (labels == VS).any():
         margin = _distance_mm(labels == VS, cfg.spacing_zyx_mm) <= cfg.vs_ignore_margin_mm
         labels[margin & (labels == 0)] = IGNORE

@@ -141,25 +141,30 @@ def refine_cochlea_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, 
     return out
 
 
-def vs_csf_half_way(vs: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm: float, csf_quantile: float = 0.9,
-                    shell_mm: float = 1.0, shell_excluded: np.ndarray | None = None):
-    """The half-way grey between one VS (bool mask (z, y, x) on ``image``'s grid) and the CSF around it, and the
-    distance (mm) of each voxel inside the VS to its edge; ``(None, inside)`` when the surroundings are not
-    brighter than the tumour (not a T2 contrast, or no CSF there). Tumour grey = the median of the VS voxels deeper
-    than ``max_mm`` (mm) from its edge (all of them when none is); CSF grey = the ``csf_quantile`` of the shell up to
-    ``shell_mm`` (mm) outside it, ``shell_excluded`` voxels (e.g. the cochlea) left out."""
+def vs_edge_in_csf(vs: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm: float, csf_quantile: float = 0.9,
+                   shell_mm: float = 1.0, shell_excluded: np.ndarray | None = None):
+    """(half-way grey, edge) for one VS (bool mask (z, y, x) on ``image``'s grid): the half-way grey between the
+    tumour and the CSF around it, and the VS voxels within ``max_mm`` (mm) of its edge brighter than that grey
+    (bool, same shape); ``(None, nothing)`` when the surroundings are not brighter than the tumour (not a T2
+    contrast, or no CSF there). Tumour grey = the median of the VS voxels deeper than ``max_mm`` from its edge
+    (all of them when none is); CSF grey = the ``csf_quantile`` of the shell up to ``shell_mm`` (mm) outside it,
+    ``shell_excluded`` voxels (e.g. the cochlea) left out."""
     sp = np.asarray(spacing_zyx_mm, float)
-    inside = ndimage.distance_transform_edt(vs, sampling=sp)  # a VS voxel's distance to the nearest non-VS one
+    nothing = np.zeros(vs.shape, bool)
     outside = ndimage.distance_transform_edt(~vs, sampling=sp)
     shell = (outside > 0) & (outside <= shell_mm)
     if shell_excluded is not None:
         shell &= ~shell_excluded
     if not shell.any() or not vs.any():
-        return None, inside
+        return None, nothing
+    inside = ndimage.distance_transform_edt(vs, sampling=sp)  # a VS voxel's distance to the nearest non-VS one
     core = vs & (inside > max_mm)
     tumour = float(np.median(image[core if core.any() else vs]))
     csf = float(np.quantile(image[shell], csf_quantile))
-    return ((tumour + csf) / 2 if csf > tumour else None), inside
+    if csf <= tumour:
+        return None, nothing
+    half_way = (tumour + csf) / 2
+    return half_way, vs & (inside <= max_mm) & (image > half_way)
 
 
 def trim_vs_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm: float, csf_quantile: float = 0.9,
@@ -168,16 +173,14 @@ def trim_vs_edges(labels: np.ndarray, image: np.ndarray, spacing_zyx_mm, max_mm:
 
     On T2 a VS is grey and the CSF of the cerebellopontine angle and the internal auditory canal bright; a VS
     border drawn into the CSF carries voxels brighter than the half-way grey between the two
-    (:func:`vs_csf_half_way`, cochlea voxels out of the CSF shell). For each VS component (26-connected), its
+    (:func:`vs_edge_in_csf`, cochlea voxels out of the CSF shell). For each VS component (26-connected), its
     voxels within ``max_mm`` (mm) of its edge that are brighter than that grey become background. A component
     whose surroundings are not brighter than it is left as it is. Nothing is added."""
     out = labels.copy()
     sp = np.asarray(spacing_zyx_mm, float)
     for vs, box in _components_in_boxes(labels == VS, max_mm + shell_mm, sp):
-        img = image[box]
-        half_way, inside = vs_csf_half_way(vs, img, sp, max_mm, csf_quantile, shell_mm, labels[box] == COCHLEA)
-        if half_way is not None:
-            out[box][vs & (inside <= max_mm) & (img > half_way)] = 0
+        _, edge = vs_edge_in_csf(vs, image[box], sp, max_mm, csf_quantile, shell_mm, labels[box] == COCHLEA)
+        out[box][edge] = 0
     return out
 
 
