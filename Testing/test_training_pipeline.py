@@ -286,6 +286,29 @@ def test_pseudo_label_teaches_confident_vs_far_from_the_cochlea_as_background_ha
                 == 0).any()
 
 
+def test_pseudo_label_can_leave_the_corridor_between_a_far_vs_and_the_cochlea_unlabelled():
+    from training.pseudo_labels import PseudoLabelConfig, pseudo_label
+    from training.segmentation import IGNORE
+
+    probs = np.zeros((3, 4, 24, 40), np.float32)
+    probs[0] = 1.0
+    probs[:, 1:3, 10:13, 36:39] = np.array([0.1, 0.0, 0.9])[:, None, None, None]  # cochlea, lateral (x 36-38)
+    probs[:, :, 6:16, 2:12] = np.array([0.1, 0.9, 0.0])[:, None, None, None]  # cisternal VS, x 2-11: 12.5 mm away
+    base = dict(min_vs_voxels=1, vs_max_distance_to_cochlea_mm=15.0, spacing_zyx_mm=(1.0, 0.5, 0.5))
+    plain, _ = pseudo_label(probs, PseudoLabelConfig(**base))
+    assert (plain == 1).sum() == 4 * 10 * 10 and not (plain == IGNORE).any()
+    labels, conf = pseudo_label(probs, PseudoLabelConfig(**base, vs_gap_ignore_beyond_mm=7.0, vs_gap_ignore_width_mm=2.0))
+    assert (labels == 1).sum() == 4 * 10 * 10 and (labels == 2).sum() == 2 * 3 * 3 and conf == pytest.approx(0.9)
+    corridor = labels == IGNORE
+    assert corridor[1, 11, 12:36].all()  # the straight line from the VS to the cochlea: the missed canal part
+    assert not corridor[:, 0].any() and not corridor[:, 23].any()  # 5 mm and more beside the line
+    assert not corridor[:, :, :2].any()  # nothing on the far (medial) side of the VS
+    wider, _ = pseudo_label(probs, PseudoLabelConfig(**base, vs_gap_ignore_beyond_mm=7.0, vs_gap_ignore_width_mm=6.0))
+    assert (wider == IGNORE).sum() > corridor.sum()
+    # A VS that reaches the canal fundus (nearest voxel within the threshold) leaves everything labelled.
+    assert not (pseudo_label(probs, PseudoLabelConfig(**base, vs_gap_ignore_beyond_mm=13.0))[0] == IGNORE).any()
+
+
 def test_pseudo_label_can_leave_a_margin_around_the_vs_unlabelled():
     from training.pseudo_labels import PseudoLabelConfig, pseudo_label
     from training.segmentation import IGNORE

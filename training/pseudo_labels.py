@@ -20,6 +20,8 @@ methods clean their outputs and filtered by confidence:
   cerebellum or brainstem is cut off and becomes IGNORE; (``vs_trim_mm``) the VS edge drawn into the CSF is
   trimmed as the engine's post-processing does, and the voxels around the VS brighter than the half-way grey
   between tumour and CSF are labelled background even inside the IGNORE margin (on T2 they are CSF);
+- optionally (``vs_gap_ignore_beyond_mm``) a VS found far from the cochlea (its canal part missed) leaves the
+  corridor between them IGNORE instead of background;
 - optionally (``vs_free_ear_ignore_beyond_cochlea_mm``) the far (medial) part of a tumour-free ear's crop, which
   reaches into the other ear's cerebellopontine angle, is IGNORE;
 - optionally (``one_vs_per_scan``) the CrossMoDA prior that every scan holds one unilateral VS: the crops of
@@ -125,6 +127,14 @@ class PseudoLabelConfig:
     # against CSF instead of never being told. Needs the crop image. 0 = off.
     vs_trim_mm: float = 0.0
     vs_csf_quantile: float = 0.9
+    # A VS grows from the fundus of the internal auditory canal, next to the cochlea, but fake-trained members miss
+    # the canal part, so on large tumours they find the cisternal part alone, 10-13 mm from the cochlea
+    # (docs/training.md). When the kept VS's nearest voxel lies farther than this (mm) from the crop's cochlea, the
+    # background voxels of the corridor between them (distance to the VS + distance to the cochlea at most that
+    # gap + ``vs_gap_ignore_width_mm``) become IGNORE, so retraining is not taught that the canal part is
+    # background. Pair with a ``vs_max_distance_to_cochlea_mm`` that keeps such cisternal parts. 0 = off.
+    vs_gap_ignore_beyond_mm: float = 0.0
+    vs_gap_ignore_width_mm: float = 6.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,6 +196,17 @@ def grow_vs(labels: np.ndarray, image: np.ndarray, cfg: PseudoLabelConfig, prote
     reachable from it through such voxels (6-connectivity); never COCHLEA or ``protected`` voxels."""
     return grow_into_own_intensity(labels == VS, image, cfg.vs_grow_mm, cfg.vs_grow_quantiles, cfg.spacing_zyx_mm,
                                    allowed=(labels != COCHLEA) & ~protected)
+
+
+def vs_canal_gap(labels: np.ndarray, cfg: PseudoLabelConfig) -> np.ndarray:
+    """The corridor (bool (z, y, x)) between the VS and the cochlea of ``labels`` where the members may have missed
+    the tumour's canal part: voxels whose distance to the VS plus distance to the cochlea is at most the VS's gap to
+    the cochlea + ``cfg.vs_gap_ignore_width_mm``; empty when that gap is ``cfg.vs_gap_ignore_beyond_mm`` or less."""
+    cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
+    gap = float(cochlea_mm[labels == VS].min())
+    if gap <= cfg.vs_gap_ignore_beyond_mm:
+        return np.zeros(labels.shape, bool)
+    return cochlea_mm + _distance_mm(labels == VS, cfg.spacing_zyx_mm) <= gap + cfg.vs_gap_ignore_width_mm
 
 
 def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = False,
@@ -252,6 +273,8 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
         if cochlea_mm is None:
             cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
         labels[cochlea_mm > ignore_beyond_mm] = IGNORE
+    if cfg.vs_gap_ignore_beyond_mm > 0 and (labels == VS).any() and (labels == COCHLEA).any():
+        labels[vs_canal_gap(labels, cfg) & (labels == 0)] = IGNORE
     if cfg.vs_grow_mm > 0 and (labels == VS).any():
         if image is None:
             raise ValueError("vs_grow_mm needs the crop image")
