@@ -198,15 +198,15 @@ def grow_vs(labels: np.ndarray, image: np.ndarray, cfg: PseudoLabelConfig, prote
                                    allowed=(labels != COCHLEA) & ~protected)
 
 
-def vs_canal_gap(labels: np.ndarray, cfg: PseudoLabelConfig) -> np.ndarray:
-    """The corridor (bool (z, y, x)) between the VS and the cochlea of ``labels`` where the members may have missed
-    the tumour's canal part: voxels whose distance to the VS plus distance to the cochlea is at most the VS's gap to
-    the cochlea + ``cfg.vs_gap_ignore_width_mm``; empty when that gap is ``cfg.vs_gap_ignore_beyond_mm`` or less."""
-    cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
-    gap = float(cochlea_mm[labels == VS].min())
+def vs_canal_gap(vs: np.ndarray, cochlea_mm: np.ndarray, cfg: PseudoLabelConfig) -> np.ndarray:
+    """The corridor (bool (z, y, x)) between the VS ``vs`` (bool, not empty) and the cochlea, given each voxel's
+    distance to the cochlea ``cochlea_mm`` (mm, finite), where the members may have missed the tumour's canal part:
+    voxels whose distance to the VS plus distance to the cochlea is at most the VS's gap to the cochlea +
+    ``cfg.vs_gap_ignore_width_mm``; empty when that gap is ``cfg.vs_gap_ignore_beyond_mm`` or less."""
+    gap = float(cochlea_mm[vs].min())
     if gap <= cfg.vs_gap_ignore_beyond_mm:
-        return np.zeros(labels.shape, bool)
-    return cochlea_mm + _distance_mm(labels == VS, cfg.spacing_zyx_mm) <= gap + cfg.vs_gap_ignore_width_mm
+        return np.zeros(vs.shape, bool)
+    return cochlea_mm + _distance_mm(vs, cfg.spacing_zyx_mm) <= gap + cfg.vs_gap_ignore_width_mm
 
 
 def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = False,
@@ -274,7 +274,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
             cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
         labels[cochlea_mm > ignore_beyond_mm] = IGNORE
     if cfg.vs_gap_ignore_beyond_mm > 0 and (labels == VS).any() and (labels == COCHLEA).any():
-        labels[vs_canal_gap(labels, cfg) & (labels == 0)] = IGNORE
+        if cochlea_mm is None:
+            cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
+        labels[vs_canal_gap(labels == VS, cochlea_mm, cfg) & (labels == 0)] = IGNORE
     if cfg.vs_grow_mm > 0 and (labels == VS).any():
         if image is None:
             raise ValueError("vs_grow_mm needs the crop image")
