@@ -1348,6 +1348,26 @@ def test_configs_name_every_stage_setting_and_parse(tmp_path):
 
 # ------------------------------------------------------------------------------------------ benchmark
 
+def test_no_adaptation_trains_only_the_first_members_it_is_asked_for(method_a_run, uda_data, tmp_path):
+    from training import benchmark, pipeline
+
+    out, _, _ = method_a_run
+    cfg = tiny_config()
+    run_a = pipeline.Run(uda_data, out, cfg, FakeBackend(fail=True), progress=False)
+    cfg["benchmark"]["no_adaptation_members"] = 1
+    model, _ = benchmark.train_no_adaptation(run_a, tmp_path / "one", cfg, progress=False)
+    spec = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    assert [m["name"] for m in spec["segmentation"]["members"]] == [cfg["members"][0]["name"]]
+    assert not (tmp_path / "one" / f"{cfg['members'][1]['name']}.safetensors").exists()
+    cfg["benchmark"]["no_adaptation_members"] = None  # unset: every member
+    model, _ = benchmark.train_no_adaptation(run_a, tmp_path / "all", cfg, progress=False)
+    spec = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    assert [m["name"] for m in spec["segmentation"]["members"]] == [m["name"] for m in cfg["members"]]
+    cfg["benchmark"]["no_adaptation_members"] = 0
+    with pytest.raises(ValueError, match="no_adaptation_members"):
+        benchmark.train_no_adaptation(run_a, tmp_path / "none", cfg, progress=False)
+
+
 def test_benchmark_scores_every_variant_and_writes_json_table_and_plot(tmp_path, monkeypatch):
     from training import benchmark, pipeline
 

@@ -10,7 +10,8 @@ scores as an empty prediction, as in the challenge):
 
 - ``no_adaptation``: the segmentation members trained on real ceT1 crops, applied to hrT2 (ears found by
   the pipeline's localiser, as CrossMoDA's registration-based crops were found independently of the
-  segmenter);
+  segmenter); ``benchmark.no_adaptation_members`` N keeps only the first N members (time on a CPU budget:
+  without adaptation one member scores ≈ 0 as the ensemble does);
 - ``translation_only``: the pipeline's stage-3 members (fake hrT2 only);
 - ``full_pipeline``: method a, stage-5 members (fake hrT2 + pseudo-labelled real hrT2);
 - ``method_b``: Mean Teacher + cleanlab fusion on its translation's fake hrT2 (CutSeg in ``crossmoda``); the
@@ -105,12 +106,16 @@ def _plain_members(cfg: dict) -> list:
 
 
 def train_no_adaptation(run_a: pipeline.Run, out: Path, cfg: dict, progress: bool) -> tuple[Path, float]:
-    """Members trained on the real ceT1 crops of the method-a run; exported with its localiser."""
+    """Members trained on the real ceT1 crops of the method-a run (the first ``benchmark.no_adaptation_members``
+    of them, all when unset); exported with its localiser."""
+    n_members = cfg.get("benchmark", {}).get("no_adaptation_members")
+    if n_members is not None and not (isinstance(n_members, int) and n_members >= 1):
+        raise ValueError(f"benchmark.no_adaptation_members must be a whole number ≥ 1 or null, not {n_members!r}.")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     arrays = [c for _, a in pipeline._source_cases(run_a) for c in a["crops"]]
     members = []
-    for m in _plain_members(cfg):
+    for m in _plain_members(cfg)[:n_members]:
         path = out / f"{m['name']}.safetensors"
         if not path.exists():
             sd = train_network(arrays, TrainConfig(**{**m["train"], "threads": cfg.get("threads")}), out, m["name"],

@@ -2,8 +2,9 @@
 
     python Testing/benchmarks/eval_phantoms.py [--model NAME|DIR] [--n 20] [--seed 9001] [--work DIR]
 
-Seed 9001 is reserved for evaluation: the bundled model trained on seed 1000, the sample is seed 4242,
-the speed benchmark seed 7777. Also measures the localiser: distance (mm) between each predicted cochlea
+Seed 9001 is reserved for evaluation: no bundled model trained on it (the training seeds are read from the
+model's ``provenance.data_seeds`` and the run refuses a model trained on the evaluation seed), the sample is
+seed 4242, the speed benchmark seed 7777. Also measures the localiser: distance (mm) between each predicted cochlea
 centre and the centre of that cochlea's label. Writes ``docs/results/phantom_eval.json`` and ``.md``.
 """
 
@@ -37,6 +38,14 @@ def main(argv=None):
     import SimpleITK as sitk
 
     from VSCochleaSegLib.localise import cochlea_centres_from_labels
+    from VSCochleaSegLib.model_folder import resolve_model
+
+    provenance = resolve_model(args.model).spec.provenance
+    seeds = provenance.get("data_seeds", [])
+    seed_text = ", ".join(f"{k} {v}" for k, v in seeds.items()) if isinstance(seeds, dict) else ", ".join(map(str, seeds))
+    train_seeds = sorted(set(seeds.values()) if isinstance(seeds, dict) else set(seeds))
+    if args.seed in train_seeds:
+        sys.exit(f"seed {args.seed} was used to train this model (data seeds: {seed_text}); pick another --seed.")
 
     work = Path(args.work)
     data, pred = work / f"hrT2_seed{args.seed}", work / f"pred_seed{args.seed}"
@@ -61,6 +70,7 @@ def main(argv=None):
             loc_err.append(float(np.linalg.norm(np.array(doc["cochlea_centres_lps_mm"][side]) - truth[side])))
     result = {
         "model": model_info, "seed": args.seed, "n_cases": len(inputs),
+        "model_data_seeds": seeds, "hrT2_labels_used": provenance.get("hrT2_labels_used"),
         "mean": scores["mean"], "cases": scores["cases"],
         "localisation_error_mm": {"mean": statistics.mean(loc_err), "max": max(loc_err), "n_ears": len(loc_err)},
         "segment_seconds_mean": statistics.mean(timings),
@@ -73,7 +83,8 @@ def main(argv=None):
         "# Bundled model on fresh hrT2 phantoms",
         "",
         f"`python Testing/benchmarks/eval_phantoms.py --n {args.n} --seed {args.seed}`: {len(inputs)} phantoms from "
-        f"seed {args.seed} (training used seed 1000), model `{model_info['name']}` {model_info['version']} "
+        f"seed {args.seed} (model's data seeds: {seed_text}; hrT2 labels used in training: "
+        f"{'yes' if provenance.get('hrT2_labels_used') else 'no'}), model `{model_info['name']}` {model_info['version']} "
         f"(members {', '.join(model_info['members'])}), scored by `vscochleaseg evaluate`.",
         "",
         "| | VS Dice | VS ASSD (mm) | Cochlea Dice | Cochlea ASSD (mm) |",
