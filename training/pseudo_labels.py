@@ -225,13 +225,19 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
     members_cochlea = None  # the members' own cochlea, kept when cochlea_refine_mm moves its edge
     cochlea_mm = None  # distance (mm) to the kept cochlea, made once when a rule needs it (the cochlea is final
     # once its components are chosen: nothing after that labels a voxel COCHLEA or removes one)
+
+    def distance_to_cochlea_mm() -> np.ndarray:
+        nonlocal cochlea_mm
+        if cochlea_mm is None:
+            cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
+        return cochlea_mm
+
     for c in (COCHLEA, VS):
         mask = labels == c
         if not mask.any():
             continue
         if c == VS and (cfg.hard_negative_beyond_cochlea_mm > 0 or cfg.vs_max_distance_to_cochlea_mm > 0):
-            cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
-            comps, nearest = _nearest_per_component(mask, cochlea_mm)
+            comps, nearest = _nearest_per_component(mask, distance_to_cochlea_mm())
             if cfg.hard_negative_beyond_cochlea_mm > 0 and (labels == COCHLEA).any():
                 hard_negative = mask & (nearest > cfg.hard_negative_beyond_cochlea_mm)[comps]
                 labels[hard_negative] = 0
@@ -270,13 +276,9 @@ def pseudo_label(probs: np.ndarray, cfg: PseudoLabelConfig, vs_free: bool = Fals
     else:
         ignore_beyond_mm = 0.0 if (labels == VS).any() else cfg.no_vs_label_beyond_cochlea_mm
     if ignore_beyond_mm > 0 and (labels == COCHLEA).any():
-        if cochlea_mm is None:
-            cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
-        labels[cochlea_mm > ignore_beyond_mm] = IGNORE
+        labels[distance_to_cochlea_mm() > ignore_beyond_mm] = IGNORE
     if cfg.vs_gap_ignore_beyond_mm > 0 and (labels == VS).any() and (labels == COCHLEA).any():
-        if cochlea_mm is None:
-            cochlea_mm = _distance_mm(labels == COCHLEA, cfg.spacing_zyx_mm)
-        labels[vs_canal_gap(labels == VS, cochlea_mm, cfg) & (labels == 0)] = IGNORE
+        labels[vs_canal_gap(labels == VS, distance_to_cochlea_mm(), cfg) & (labels == 0)] = IGNORE
     if cfg.vs_grow_mm > 0 and (labels == VS).any():
         if image is None:
             raise ValueError("vs_grow_mm needs the crop image")
