@@ -76,6 +76,26 @@ def test_summary_names_the_model_and_timings(segmenter, small_scan):
     assert {"localise", "predict", "postprocess", "measure", "total"} <= set(summary["timings_s"])
 
 
+def test_vs_min_probability_in_the_model_folder_reaches_the_labels(tmp_path, small_scan):
+    """The model folder's ``postprocess.vs_min_probability`` is applied to the fused map: with a threshold
+    below every VS probability, no voxel stays background where the argmax chose background in a crop."""
+    import json
+
+    from conftest import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "low-threshold")
+    spec = json.loads((folder.path / "model.json").read_text(encoding="utf-8"))
+    spec["postprocess"].update(keep_largest_vs_per_side=False, vs_max_z_distance_from_cochlea_mm=1000.0)
+    (folder.path / "model.json").write_text(json.dumps(spec))
+    plain = sitk.GetArrayFromImage(Segmenter(folder.path, device="cpu", threads=2).segment_image(small_scan).labels)
+    spec["postprocess"]["vs_min_probability"] = 1e-6
+    (folder.path / "model.json").write_text(json.dumps(spec))
+    low = sitk.GetArrayFromImage(Segmenter(folder.path, device="cpu", threads=2).segment_image(small_scan).labels)
+    assert (low == 1).sum() > (plain == 1).sum()
+    assert ((low == 1) | (plain != 1)).all()  # every VS voxel stays VS
+    assert (low[plain == 2] == 2).all()  # cochlea voxels untouched
+
+
 def test_scan_without_inner_ears_is_refused(tmp_path, small_scan):
     from conftest import write_tiny_model
 

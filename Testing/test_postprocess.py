@@ -12,7 +12,8 @@ from VSCochleaSegLib.localise import EarLocations, ears_from_probabilities
 from VSCochleaSegLib.geometry import GridSpec
 from VSCochleaSegLib.metrics import dice
 from VSCochleaSegLib.model_folder import PostprocessSpec
-from VSCochleaSegLib.postprocess import postprocess_labels, refine_cochlea_edges, trim_vs_edges
+from VSCochleaSegLib.postprocess import (labels_from_probabilities, postprocess_labels, refine_cochlea_edges,
+                                         trim_vs_edges)
 
 SPEC = PostprocessSpec(True, True, 20.0, 0.0)
 
@@ -232,3 +233,26 @@ def test_intensity_edge_keys_are_optional_and_checked(distance_key, quantile_key
         PostprocessSpec.from_dict({**base, quantile_key: bad_quantile})
     with pytest.raises(Exception, match=distance_key):
         PostprocessSpec.from_dict({**base, distance_key: bad_distance})
+
+
+def test_labels_from_probabilities_is_the_argmax_then_the_vs_threshold():
+    rng = np.random.default_rng(7)
+    probs = rng.dirichlet((1.0, 1.0, 1.0), size=(4, 5, 6)).transpose(3, 0, 1, 2).astype(np.float32)
+    probs[:, 0, 0, 0] = (0.4, 0.4, 0.2)  # a tie goes to the lower class, as with argmax
+    expected = probs.argmax(0)
+    assert (labels_from_probabilities(probs.copy()) == expected).all()
+    out = labels_from_probabilities(probs.copy(), vs_min_probability=0.3)
+    promoted = (expected == 0) & (probs[1] >= 0.3)
+    assert promoted.any() and (out[promoted] == 1).all()
+    assert (out[~promoted] == expected[~promoted]).all()  # cochlea voxels and the rest untouched
+    assert ((expected == 2) & (probs[1] >= 0.3)).any()
+
+
+def test_vs_min_probability_is_optional_and_checked():
+    base = {"keep_largest_vs_per_side": True, "keep_largest_cochlea_per_side": True,
+            "vs_max_z_distance_from_cochlea_mm": 20.0, "min_vs_volume_mm3": 0.0}
+    assert PostprocessSpec.from_dict(base).vs_min_probability == 0.0
+    assert PostprocessSpec.from_dict({**base, "vs_min_probability": 0.3}).vs_min_probability == 0.3
+    for bad in (1.5, -0.1):
+        with pytest.raises(Exception, match="vs_min_probability"):
+            PostprocessSpec.from_dict({**base, "vs_min_probability": bad})

@@ -465,6 +465,9 @@ class PostprocessSpec(_Spec):
     # a shell around it) are given back to the background, before any growing. 0 = off (optional keys).
     vs_trim_mm: float = 0.0
     vs_csf_quantile: float = 0.9
+    # Members trained without hrT2 labels are under-confident on the tumour: a voxel the arg-max gives to the
+    # background becomes VS when its fused VS probability reaches this value. 0 = off, arg-max only (optional key).
+    vs_min_probability: float = 0.0
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = MODEL_JSON, field: str = "postprocess") -> PostprocessSpec:
@@ -482,14 +485,16 @@ class PostprocessSpec(_Spec):
                    cochlea_refine_mm=obj.number("cochlea_refine_mm", default=0.0, minimum=0.0),
                    cochlea_fluid_quantile=_quantile(obj, "cochlea_fluid_quantile", cls.cochlea_fluid_quantile),
                    vs_trim_mm=obj.number("vs_trim_mm", default=0.0, minimum=0.0),
-                   vs_csf_quantile=_quantile(obj, "vs_csf_quantile", cls.vs_csf_quantile))
+                   vs_csf_quantile=_quantile(obj, "vs_csf_quantile", cls.vs_csf_quantile),
+                   vs_min_probability=_quantile(obj, "vs_min_probability", cls.vs_min_probability,
+                                                       kind="a probability"))
 
 
-def _quantile(obj: _JsonObject, key: str, default: float) -> float:
-    """An optional quantile, 0 ≤ q ≤ 1."""
+def _quantile(obj: _JsonObject, key: str, default: float, kind: str = "a quantile") -> float:
+    """An optional quantile (or probability: ``kind``), 0 ≤ q ≤ 1."""
     q = obj.number(key, default=default, minimum=0.0)
     if q > 1.0:
-        raise obj.error(key, f"must be a quantile between 0 and 1, got {q}.")
+        raise obj.error(key, f"must be {kind} between 0 and 1, got {q}.")
     return q
 
 

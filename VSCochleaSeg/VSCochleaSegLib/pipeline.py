@@ -10,7 +10,7 @@ Usage (plain Python, the Slicer Python console, or the CLI underneath)::
     # result.labels: SimpleITK image on the input grid, 0 background, 1 VS, 2 cochlea
 
 The flow is one way: normalise → localise both ears → for each ear resample a crop, run every member,
-fuse → map the fused probabilities back onto the input grid → arg-max → post-process → measure.
+fuse → map the fused probabilities back onto the input grid → labels (arg-max, optional VS threshold) → post-process → measure.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .measure import Measurements, measure
 from .model_folder import LOCALISER_KEY, ModelFolder, resolve_model
 from .networks import build_network, load_inference_state_dict
 from .normalisation import fit_intensity_scale
-from .postprocess import postprocess_labels
+from .postprocess import labels_from_probabilities, postprocess_labels
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Segmenter:
         # In place: at the input grid's size these arrays dominate memory (checks.estimate_peak_bytes).
         prob_sum[1:] /= np.maximum(coverage, 1e-6)
         prob_sum[0] = 1.0 - prob_sum[1:].sum(0)
-        labels = _argmax_over_classes(prob_sum)
+        labels = labels_from_probabilities(prob_sum, self.spec.postprocess.vs_min_probability)
         labels[coverage <= 0.5] = 0
         del prob_sum, coverage
         labels = postprocess_labels(labels, image, ears, self.spec.postprocess)
@@ -236,16 +236,3 @@ class Segmenter:
             timings_s=timings,
             warnings=list(ears.warnings),
         )
-
-
-def _argmax_over_classes(probs: np.ndarray) -> np.ndarray:
-    """``probs.argmax(0).astype(uint8)`` for (C, z, y, x) float maps, without argmax's transposed copy
-    (C × 4 bytes a voxel) and int64 result (8): ties go to the lower class, as with argmax. Overwrites
-    ``probs[0]`` with the running maximum."""
-    labels = np.zeros(probs.shape[1:], np.uint8)
-    best = probs[0]
-    for c in range(1, probs.shape[0]):
-        better = probs[c] > best
-        labels[better] = c
-        np.maximum(best, probs[c], out=best)
-    return labels

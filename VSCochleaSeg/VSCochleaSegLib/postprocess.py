@@ -26,6 +26,22 @@ from .measure import index_to_lps, lateral_offset_mm
 from .model_folder import PostprocessSpec
 
 
+def labels_from_probabilities(probs: np.ndarray, vs_min_probability: float = 0.0) -> np.ndarray:
+    """Label map (z, y, x) uint8 from fused class probabilities ``probs`` (C, z, y, x) float, C = 3 (background,
+    VS, cochlea): the arg-max (ties to the lower class), then, if ``vs_min_probability`` > 0, every background voxel
+    whose VS probability reaches it becomes VS. Memory-lean for input-grid arrays: no transposed copy, no int64
+    result; overwrites ``probs[0]`` with the running maximum (``probs[VS]`` is left as it was)."""
+    labels = np.zeros(probs.shape[1:], np.uint8)
+    best = probs[0]
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        np.maximum(best, probs[c], out=best)
+    if vs_min_probability > 0:
+        labels[(labels == 0) & (probs[VS] >= vs_min_probability)] = VS
+    return labels
+
+
 def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec: PostprocessSpec) -> np.ndarray:
     """Cleaned copy of ``labels_zyx`` (z, y, x) uint8; ``reference`` gives the geometry, ``ears`` the
     cochlea centres and midline (``localise.EarLocations``)."""
