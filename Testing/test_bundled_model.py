@@ -41,6 +41,18 @@ def test_model_card_says_phantom_demo_not_for_clinical_use():
     assert 4242 not in seeds and 9001 not in seeds
 
 
+def test_bundled_model_was_adapted_without_hrt2_labels_and_says_how():
+    """The bundled model is the domain-adaptation benchmark's full pipeline: ceT1 labels only, with its config,
+    data seeds and the benchmark figures it earned in its provenance."""
+    prov = resolve_model(None).spec.provenance
+    assert prov["hrT2_labels_used"] is False and prov["method"] == "method_a"
+    assert {"source_ceT1", "target_hrT2", "test_hrT2"} <= set(prov["data_seeds"])
+    assert prov["config"]["name"] == resolve_model(None).spec.name
+    figures = prov["benchmark"]
+    assert {"full_pipeline", "oracle", "no_adaptation", "translation_only", "method_b"} <= set(figures)
+    assert figures["full_pipeline"]["VS_Dice"] >= 0.9 * figures["oracle"]["VS_Dice"]
+
+
 @pytest.fixture(scope="module")
 def sample_result():
     return Segmenter(None, device="cpu", threads=2).segment_image(read_image(SAMPLE))

@@ -303,11 +303,11 @@ def test_list_models_reports_local_and_downloadable_models(tmp_path):
     assert rows["big"]["source"] == "download" and rows["big"]["where"] == "https://example.org/big.zip"
 
 
-def test_repository_registry_is_valid_and_defaults_to_phantom_demo():
+def test_repository_registry_is_valid_and_defaults_to_the_adapted_phantom_model():
     repo_registry = Path(mf.__file__).resolve().parents[2] / "Resources" / "Models" / "registry.json"
     registry = mf.Registry.from_json_file(repo_registry)
-    assert registry.default == mf.DEFAULT_MODEL == "phantom-demo"
-    assert registry.models["phantom-demo"].bundled
+    assert registry.default == mf.DEFAULT_MODEL == "phantom-uda"
+    assert registry.models["phantom-uda"].bundled
 
 
 # ------------------------------------------------------------------------------------------ download

@@ -1,5 +1,5 @@
-"""The real engine through the MRML glue: a random-weight tiny model (always), and the bundled phantom-demo
-model (skipped until its folder exists). The other MRML tests use a fake engine.
+"""The real engine through the MRML glue: a random-weight tiny model (always), and the bundled phantom-uda
+model (``Resources/Models/<DEFAULT_MODEL>``; a missing folder fails, never skips). The other MRML tests use a fake engine.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from mrml_fixtures import add_volume, node_ids
 
 from VSCochleaSegLib import mrml as vmrml
 from VSCochleaSegLib.errors import Cancelled
+from VSCochleaSegLib.model_folder import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_JSON = ROOT / "Resources" / "Models" / "phantom-demo" / "model.json"
 SAMPLE = ROOT / "Resources" / "Samples" / "phantom_sample_hrT2.nii.gz"
 
 pytestmark = pytest.mark.slow
-needs_bundled_model = pytest.mark.skipif(not MODEL_JSON.is_file(), reason=f"bundled model not built yet ({MODEL_JSON})")
 
 
 def test_a_background_job_with_the_real_pipeline_puts_its_labels_in_the_scene(scene, tiny_model, hrt2_phantom):
@@ -71,10 +70,9 @@ def hrt2(hrt2_phantom) -> sitk.Image:
 def segmenter():
     from VSCochleaSegLib.pipeline import Segmenter
 
-    return Segmenter(model="phantom-demo", device="cpu", quality="fast")
+    return Segmenter(model=DEFAULT_MODEL, device="cpu", quality="fast")
 
 
-@needs_bundled_model
 def test_the_bundled_model_fills_a_segmentation_on_the_input_grid(scene, hrt2, segmenter):
     volume = add_volume(scene, hrt2)
     stages = []
@@ -93,7 +91,6 @@ def test_the_bundled_model_fills_a_segmentation_on_the_input_grid(scene, hrt2, s
     assert again.cochlea_left_volume_mm3 == pytest.approx(measurements.cochlea_left_volume_mm3)
 
 
-@needs_bundled_model
 def test_cancelling_the_bundled_model_leaves_the_scene_unchanged(scene, hrt2, segmenter):
     volume = add_volume(scene, hrt2)
     before = node_ids(scene)

@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 """The newest ``model.json`` format_version this engine reads."""
 
 MODEL_JSON = "model.json"
-DEFAULT_MODEL = "phantom-demo"
+DEFAULT_MODEL = "phantom-uda"
 LOCALISER_KEY = "localiser"
 """Key of the localiser's state dict in ``write_model_folder`` / ``ModelSpec.weight_entries``."""
 
