@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cc3d
 import numpy as np
 import pytest
@@ -96,6 +98,33 @@ def test_a_vs_far_from_the_cochlea_in_3d_is_dropped_before_the_largest_is_chosen
     near = np.zeros_like(lab)
     near[15:25, 30:35, 45:55] = 1  # nearest voxel (54, 30, 20) → √(36 + 100) ≈ 11.7 mm
     assert postprocess_labels(near, reference(), ears(), spec).sum() == near.sum()
+
+
+def test_a_large_vs_may_lie_farther_from_the_cochlea_than_a_small_one():
+    """Left cochlea centre at (60, 20, 20) mm. The 500 mm³ blob whose nearest voxel is 16.2 mm away is dropped by a
+    15 mm rule unless components of at least 400 mm³ may come within 18 mm; a 100 mm³ blob as far stays dropped."""
+    big = np.zeros((40, 40, 80), np.uint8)
+    big[15:25, 35:40, 45:55] = 1  # 500 mm³, nearest voxel ≈ 16.2 mm
+    small = np.zeros_like(big)
+    small[15:25, 35:40, 53:55] = 1  # 100 mm³, nearest voxel (54, 35, 20) ≈ 16.2 mm
+    rule = dict(vs_max_distance_from_cochlea_mm=15.0)
+    assert postprocess_labels(big, reference(), ears(), PostprocessSpec(True, True, 20.0, 0.0, **rule)).sum() == 0
+    large = PostprocessSpec(True, True, 20.0, 0.0, **rule, vs_large_volume_mm3=400.0, vs_large_max_distance_mm=18.0)
+    assert (postprocess_labels(big, reference(), ears(), large) == big).all()
+    assert postprocess_labels(small, reference(), ears(), large).sum() == 0
+    too_far = dataclasses.replace(large, vs_large_max_distance_mm=16.0)
+    assert postprocess_labels(big, reference(), ears(), too_far).sum() == 0
+
+
+def test_the_large_vs_distance_keys_are_optional_and_checked():
+    base = {"keep_largest_vs_per_side": True, "keep_largest_cochlea_per_side": True,
+            "vs_max_z_distance_from_cochlea_mm": 20.0, "min_vs_volume_mm3": 0.0, "vs_max_distance_from_cochlea_mm": 11.0}
+    assert PostprocessSpec.from_dict(base).vs_large_volume_mm3 == 0.0
+    spec = PostprocessSpec.from_dict({**base, "vs_large_volume_mm3": 2000, "vs_large_max_distance_mm": 20})
+    assert (spec.vs_large_volume_mm3, spec.vs_large_max_distance_mm) == (2000.0, 20.0)
+    for bad in ({"vs_large_volume_mm3": 2000}, {"vs_large_volume_mm3": 2000, "vs_large_max_distance_mm": 10}):
+        with pytest.raises(Exception, match="vs_large_max_distance_mm"):
+            PostprocessSpec.from_dict({**base, **bad})
 
 
 def test_vs_opening_cuts_a_thin_leak_away_and_keeps_the_tumour_and_the_cochlea():

@@ -447,6 +447,10 @@ class PostprocessSpec(_Spec):
     # component none of whose voxels comes within this distance (3D, mm) of its side's cochlea centre is not one.
     # 0 = no check (optional key; older model folders do not have it).
     vs_max_distance_from_cochlea_mm: float = 0.0
+    # A large tumour found without its canal part lies farther from the cochlea than a small one: components of at
+    # least vs_large_volume_mm3 (mm³) may come within vs_large_max_distance_mm instead. 0 = off (optional keys).
+    vs_large_volume_mm3: float = 0.0
+    vs_large_max_distance_mm: float = 0.0
     # The predicted VS is grey like the cerebellum and brainstem it abuts and can leak into them through a thin
     # neck: the VS mask is first opened with a ball of this radius (mm), so necks thinner than the ball and what
     # hangs on them become background before the components are judged. 0 = off (optional key).
@@ -479,6 +483,8 @@ class PostprocessSpec(_Spec):
                    min_vs_volume_mm3=obj.number("min_vs_volume_mm3", minimum=0.0),
                    vs_max_distance_from_cochlea_mm=obj.number("vs_max_distance_from_cochlea_mm", default=0.0,
                                                               minimum=0.0),
+                   vs_large_volume_mm3=obj.number("vs_large_volume_mm3", default=0.0, minimum=0.0),
+                   vs_large_max_distance_mm=_large_vs_distance(obj),
                    vs_open_mm=obj.number("vs_open_mm", default=0.0, minimum=0.0),
                    vs_grow_mm=obj.number("vs_grow_mm", default=0.0, minimum=0.0),
                    vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", cls.vs_grow_quantiles),
@@ -488,6 +494,18 @@ class PostprocessSpec(_Spec):
                    vs_csf_quantile=_quantile(obj, "vs_csf_quantile", cls.vs_csf_quantile),
                    vs_min_probability=_quantile(obj, "vs_min_probability", cls.vs_min_probability,
                                                        kind="a probability"))
+
+
+def _large_vs_distance(obj: _JsonObject) -> float:
+    """``vs_large_max_distance_mm``: needed, and beyond ``vs_max_distance_from_cochlea_mm``, when
+    ``vs_large_volume_mm3`` is set."""
+    large = obj.number("vs_large_max_distance_mm", default=0.0, minimum=0.0)
+    if obj.number("vs_large_volume_mm3", default=0.0, minimum=0.0) > 0:
+        rule = obj.number("vs_max_distance_from_cochlea_mm", default=0.0, minimum=0.0)
+        if rule <= 0 or large <= rule:
+            raise obj.error("vs_large_max_distance_mm", f"must be set, in mm, larger than vs_max_distance_from_cochlea_mm "
+                            f"(> 0) when vs_large_volume_mm3 is set; got {large} and {rule}.")
+    return large
 
 
 def _quantile(obj: _JsonObject, key: str, default: float, kind: str = "a quantile") -> float:

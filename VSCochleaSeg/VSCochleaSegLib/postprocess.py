@@ -5,7 +5,8 @@ VS component, and drop VS components whose centre lies farther than a set distan
 superior-inferior axis) from that side's cochlea — the seed rule was 15 slices. Optionally (anatomy: a VS
 fills part of the internal auditory canal, which ends at the cochlea) VS components none of whose voxels comes
 within a set 3D distance of that side's cochlea centre are dropped *before* the largest is chosen, so a large
-false "VS" in the cerebellum cannot displace a smaller true one. Optionally, first of all, the VS mask is opened
+false "VS" in the cerebellum cannot displace a smaller true one; a component of at least a set volume may lie
+farther (a large tumour found without its canal part). Optionally, first of all, the VS mask is opened
 with a ball (mm) so that a leak through a thin neck into the abutting cerebellum is cut off. Optionally, once the
 components are chosen, each kept cochlea's edge is moved to the half-way grey between its fluid and the bone
 around it (T2: bright fluid in dark bone), and each kept VS gives up the voxels on its edge that are brighter than
@@ -70,7 +71,10 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
                 dz = abs(centroids_lps[k][2] - ears.cochlea_lps[side][2])
                 keep[k] &= dz <= spec.vs_max_z_distance_from_cochlea_mm
             if spec.vs_max_distance_from_cochlea_mm > 0:
-                keep &= nearest_distance_mm(comps, ids, sides, reference, ears) <= spec.vs_max_distance_from_cochlea_mm
+                limit = np.full(len(ids), spec.vs_max_distance_from_cochlea_mm)
+                if spec.vs_large_volume_mm3 > 0:
+                    limit[counts * voxel_mm3 >= spec.vs_large_volume_mm3] = spec.vs_large_max_distance_mm
+                keep &= nearest_distance_mm(comps, ids, sides, reference, ears) <= limit
         if keep_largest:
             for side in ("left", "right"):
                 candidates = np.nonzero(keep & (sides == side))[0]
