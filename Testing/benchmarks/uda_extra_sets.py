@@ -1,0 +1,100 @@
+"""The domain-adaptation benchmark's full pipeline and oracle on extra sets of hrT2 phantoms: how far one test set's
+full-over-oracle ratio can be trusted.
+
+    python Testing/benchmarks/uda_extra_sets.py --work work/benchmark [--sets 9001:20 3401:16 3402:16]
+
+``--work`` is a ``python -m training.benchmark --work`` folder (its ``runs/method_a/model`` and ``runs/oracle/model``
+are scored, and its own ``data/test`` set too). Each extra set is ``SEED:N`` hrT2 phantoms with labels, made by the
+same generator as the benchmark's (``training.benchmark._render``); a seed the models were trained on is refused.
+Seeds 3401 / 3402 chose ``postprocess.vs_min_probability`` (docs/training.md, session 34); 9001 is the bundled model's
+evaluation seed. Writes ``phantom_uda_extra.json`` and ``.md`` into ``--out`` (default ``docs/benchmark``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+MODELS = {"full_pipeline": Path("runs/method_a/model"), "oracle": Path("runs/oracle/model")}
+
+
+def make_set(folder: Path, seed: int, n: int, workers: int = 2) -> Path:
+    """``n`` labelled hrT2 phantoms of ``seed`` in ``folder`` (kept between runs: generation is deterministic)."""
+    from training.benchmark import _render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(dict(seed=seed, index=i, modalities=("hrT2",), stream="hrT2", name=f"extra_hrT2_{seed}_{i:03d}"),
+             folder, None) for i in range(n)]
+    with Pool(workers) as pool:
+        pool.map(_render, jobs)
+    return folder
+
+
+def training_seeds(model_dir: Path) -> set:
+    """The phantom seeds a model was trained on (its provenance's ``data_seeds``, the test seed left out)."""
+    seeds = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["provenance"].get("data_seeds", {})
+    return {v for k, v in seeds.items() if not k.startswith("test")} if isinstance(seeds, dict) else set(seeds)
+
+
+def main(argv=None):
+    from training.benchmark import evaluate
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True, help="a training.benchmark --work folder")
+    ap.add_argument("--sets", nargs="+", default=["9001:20", "3401:16", "3402:16"], help="SEED:N hrT2 phantom sets")
+    ap.add_argument("--data", default=str(REPO / "work" / "uda_extra"), help="where the extra phantoms are made")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmark"))
+    args = ap.parse_args(argv)
+
+    work = Path(args.work)
+    models = {name: work / rel for name, rel in MODELS.items()}
+    for name, folder in models.items():
+        if not (folder / "model.json").is_file():
+            sys.exit(f"{folder} has no model.json: --work must be a finished `python -m training.benchmark` folder.")
+    used = set().union(*(training_seeds(f) for f in models.values()))
+    sets = {"benchmark test": work / "data" / "test"}
+    for spec in args.sets:
+        seed, n = (int(v) for v in spec.split(":"))
+        if seed in used:
+            sys.exit(f"seed {seed} was used to train these models (seeds {sorted(used)}); pick another.")
+        sets[f"seed {seed}"] = make_set(Path(args.data) / f"seed{seed}", seed, n)
+
+    scores = {s: {name: evaluate(folder, d, args.threads, False) for name, folder in models.items()}
+              for s, d in sets.items()}
+    rows, pooled = {}, {name: [] for name in models}
+    for s, by_model in scores.items():
+        rows[s] = {name: {"VS_Dice": round(r["mean"]["VS_Dice"], 4), "Cochlea_Dice": round(r["mean"]["Cochlea_Dice"], 4),
+                          "n": len(r["cases"]), "VS_Dice_cases": [round(c["VS_Dice"], 4) for c in r["cases"].values()]}
+                   for name, r in by_model.items()}
+        for name, r in by_model.items():
+            pooled[name] += [c["VS_Dice"] for c in r["cases"].values()]
+    pooled_mean = {name: sum(v) / len(v) for name, v in pooled.items()}
+    result = {"work": str(work), "sets": rows,
+              "pooled": {**{name: round(m, 4) for name, m in pooled_mean.items()}, "n": len(pooled["oracle"]),
+                         "vs_ratio": round(pooled_mean["full_pipeline"] / pooled_mean["oracle"], 3)}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "phantom_uda_extra.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    lines = ["# Phantom UDA benchmark: the same models on extra test sets", "",
+             f"`python Testing/benchmarks/uda_extra_sets.py --work {work}`: full pipeline and oracle of that run on its "
+             "own test set and on extra hrT2 phantom sets of the same generator (VS / cochlea Dice).", "",
+             "| set | n | full pipeline | oracle | VS ratio |", "|---|---|---|---|---|"]
+    for s, r in rows.items():
+        f, o = r["full_pipeline"], r["oracle"]
+        lines.append(f"| {s} | {f['n']} | {f['VS_Dice']:.3f} / {f['Cochlea_Dice']:.3f} | "
+                     f"{o['VS_Dice']:.3f} / {o['Cochlea_Dice']:.3f} | {f['VS_Dice'] / max(o['VS_Dice'], 1e-6):.3f} |")
+    p = result["pooled"]
+    lines.append(f"| **pooled** | {p['n']} | {p['full_pipeline']:.3f} | {p['oracle']:.3f} | **{p['vs_ratio']:.3f}** |")
+    (out / "phantom_uda_extra.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
