@@ -66,24 +66,32 @@ def _render(job):
     write_case(make_case(**kwargs, acquisition=acquisition), Path(folder), overwrite=True)
 
 
+def phantom_jobs(folder: Path, prefix: str, modality: str, seed: int, n: int, acquisition=None) -> list:
+    """Jobs for ``render_phantoms``: cases ``<prefix>_<modality>_<seed>_<index>`` (image + labels) in ``folder``."""
+    return [(dict(seed=seed, index=i, modalities=(modality,), stream=modality, name=f"{prefix}_{modality}_{seed}_{i:03d}"),
+             folder, acquisition) for i in range(n)]
+
+
+def render_phantoms(jobs: list, workers: int = 2, progress: bool = True) -> None:
+    """Write the phantoms of ``phantom_jobs`` lists (cases already on disk are kept: generation is deterministic)."""
+    from tqdm import tqdm
+
+    with Pool(workers) as pool:
+        list(tqdm(pool.imap_unordered(_render, jobs), total=len(jobs), desc="phantoms", disable=not progress))
+
+
 def make_data(work: Path, bench: dict, workers: int = 2, progress: bool = True) -> dict:
     """``uda/`` (ceT1 + labels, hrT2 without), ``target_labels/`` (set aside, oracle only), ``oracle/``
     (target hrT2 + labels, symlinks) and ``test/`` (held-out hrT2 + labels) under ``work/data``."""
-    from tqdm import tqdm
-
     seeds = bench["seeds"]
     d = {k: work / "data" / k for k in ("uda", "target_labels", "oracle", "test")}
     for p in d.values():
         p.mkdir(parents=True, exist_ok=True)
     acq = bench.get("acquisition")
-    jobs = [(dict(seed=seeds["source_ceT1"], index=i, modalities=("ceT1",), stream="ceT1",
-                  name=f"src_ceT1_{seeds['source_ceT1']}_{i:03d}"), d["uda"], acq) for i in range(bench["n_source"])]
-    jobs += [(dict(seed=seeds["target_hrT2"], index=i, modalities=("hrT2",), stream="hrT2",
-                   name=f"tgt_hrT2_{seeds['target_hrT2']}_{i:03d}"), d["target_labels"], acq) for i in range(bench["n_target"])]
-    jobs += [(dict(seed=seeds["test_hrT2"], index=i, modalities=("hrT2",), stream="hrT2",
-                   name=f"test_hrT2_{seeds['test_hrT2']}_{i:03d}"), d["test"], acq) for i in range(bench["n_test"])]
-    with Pool(workers) as pool:
-        list(tqdm(pool.imap_unordered(_render, jobs), total=len(jobs), desc="phantoms", disable=not progress))
+    render_phantoms(phantom_jobs(d["uda"], "src", "ceT1", seeds["source_ceT1"], bench["n_source"], acq)
+                    + phantom_jobs(d["target_labels"], "tgt", "hrT2", seeds["target_hrT2"], bench["n_target"], acq)
+                    + phantom_jobs(d["test"], "test", "hrT2", seeds["test_hrT2"], bench["n_test"], acq),
+                    workers, progress)
     # Target hrT2 images go to the adaptation folder without labels; the oracle folder links both.
     for img in sorted(d["target_labels"].glob("*_hrT2.nii.gz")):
         case = img.name[: -len("_hrT2.nii.gz")]

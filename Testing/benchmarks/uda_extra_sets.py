@@ -5,7 +5,7 @@ full-over-oracle ratio can be trusted.
 
 ``--work`` is a ``python -m training.benchmark --work`` folder (its ``runs/method_a/model`` and ``runs/oracle/model``
 are scored, and its own ``data/test`` set too). Each extra set is ``SEED:N`` hrT2 phantoms with labels, made by the
-same generator as the benchmark's (``training.benchmark._render``); a seed the models were trained on is refused.
+same generator as the benchmark's (``training.benchmark.phantom_jobs``); a seed the models were trained on is refused.
 Seeds 3401 / 3402 chose ``postprocess.vs_min_probability`` (docs/training.md, session 34); 9001 is the bundled model's
 evaluation seed. Writes ``phantom_uda_extra.json`` and ``.md`` into ``--out`` (default ``docs/benchmark``).
 """
@@ -15,35 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from eval_phantoms import data_seeds  # noqa: E402  (this folder, first on sys.path when run as a script)
+
 MODELS = {"full_pipeline": Path("runs/method_a/model"), "oracle": Path("runs/oracle/model")}
 
 
-def make_set(folder: Path, seed: int, n: int, workers: int = 2) -> Path:
-    """``n`` labelled hrT2 phantoms of ``seed`` in ``folder`` (kept between runs: generation is deterministic)."""
-    from training.benchmark import _render
-
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(dict(seed=seed, index=i, modalities=("hrT2",), stream="hrT2", name=f"extra_hrT2_{seed}_{i:03d}"),
-             folder, None) for i in range(n)]
-    with Pool(workers) as pool:
-        pool.map(_render, jobs)
-    return folder
-
-
-def training_seeds(model_dir: Path) -> set:
-    """The phantom seeds a model was trained on (its provenance's ``data_seeds``, the test seed left out)."""
-    seeds = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["provenance"].get("data_seeds", {})
-    return {v for k, v in seeds.items() if not k.startswith("test")} if isinstance(seeds, dict) else set(seeds)
-
-
 def main(argv=None):
-    from training.benchmark import evaluate
+    from VSCochleaSegLib.model_folder import ModelSpec
+    from training.benchmark import evaluate, phantom_jobs, render_phantoms
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, help="a training.benchmark --work folder")
@@ -58,13 +42,17 @@ def main(argv=None):
     for name, folder in models.items():
         if not (folder / "model.json").is_file():
             sys.exit(f"{folder} has no model.json: --work must be a finished `python -m training.benchmark` folder.")
-    used = set().union(*(training_seeds(f) for f in models.values()))
-    sets = {"benchmark test": work / "data" / "test"}
+    used = set().union(*(data_seeds(ModelSpec.from_json_file(f / "model.json").provenance, with_test=False)
+                         for f in models.values()))
+    sets, jobs = {"benchmark test": work / "data" / "test"}, []
     for spec in args.sets:
         seed, n = (int(v) for v in spec.split(":"))
         if seed in used:
             sys.exit(f"seed {seed} was used to train these models (seeds {sorted(used)}); pick another.")
-        sets[f"seed {seed}"] = make_set(Path(args.data) / f"seed{seed}", seed, n)
+        sets[f"seed {seed}"] = folder = Path(args.data) / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs += phantom_jobs(folder, "extra", "hrT2", seed, n)
+    render_phantoms(jobs, progress=False)
 
     scores = {s: {name: evaluate(folder, d, args.threads, False) for name, folder in models.items()}
               for s, d in sets.items()}

@@ -477,14 +477,14 @@ class PostprocessSpec(_Spec):
     def from_dict(cls, data: Any, *, source: str = MODEL_JSON, field: str = "postprocess") -> PostprocessSpec:
         obj = _JsonObject(data, source, field)
         obj.check_keys(_field_names(cls))
-        return cls(keep_largest_vs_per_side=obj.flag("keep_largest_vs_per_side"),
+        spec = cls(keep_largest_vs_per_side=obj.flag("keep_largest_vs_per_side"),
                    keep_largest_cochlea_per_side=obj.flag("keep_largest_cochlea_per_side"),
                    vs_max_z_distance_from_cochlea_mm=obj.number("vs_max_z_distance_from_cochlea_mm", minimum=0.0),
                    min_vs_volume_mm3=obj.number("min_vs_volume_mm3", minimum=0.0),
                    vs_max_distance_from_cochlea_mm=obj.number("vs_max_distance_from_cochlea_mm", default=0.0,
                                                               minimum=0.0),
                    vs_large_volume_mm3=obj.number("vs_large_volume_mm3", default=0.0, minimum=0.0),
-                   vs_large_max_distance_mm=_large_vs_distance(obj),
+                   vs_large_max_distance_mm=obj.number("vs_large_max_distance_mm", default=0.0, minimum=0.0),
                    vs_open_mm=obj.number("vs_open_mm", default=0.0, minimum=0.0),
                    vs_grow_mm=obj.number("vs_grow_mm", default=0.0, minimum=0.0),
                    vs_grow_quantiles=_quantile_pair(obj, "vs_grow_quantiles", cls.vs_grow_quantiles),
@@ -494,18 +494,12 @@ class PostprocessSpec(_Spec):
                    vs_csf_quantile=_quantile(obj, "vs_csf_quantile", cls.vs_csf_quantile),
                    vs_min_probability=_quantile(obj, "vs_min_probability", cls.vs_min_probability,
                                                        kind="a probability"))
-
-
-def _large_vs_distance(obj: _JsonObject) -> float:
-    """``vs_large_max_distance_mm``: needed, and beyond ``vs_max_distance_from_cochlea_mm``, when
-    ``vs_large_volume_mm3`` is set."""
-    large = obj.number("vs_large_max_distance_mm", default=0.0, minimum=0.0)
-    if obj.number("vs_large_volume_mm3", default=0.0, minimum=0.0) > 0:
-        rule = obj.number("vs_max_distance_from_cochlea_mm", default=0.0, minimum=0.0)
-        if rule <= 0 or large <= rule:
-            raise obj.error("vs_large_max_distance_mm", f"must be set, in mm, larger than vs_max_distance_from_cochlea_mm "
-                            f"(> 0) when vs_large_volume_mm3 is set; got {large} and {rule}.")
-    return large
+        if spec.vs_large_volume_mm3 > 0 and not (
+                0 < spec.vs_max_distance_from_cochlea_mm < spec.vs_large_max_distance_mm):
+            raise obj.error("vs_large_max_distance_mm", "must be set, in mm, larger than vs_max_distance_from_cochlea_mm "
+                            f"(> 0) when vs_large_volume_mm3 is set; got {spec.vs_large_max_distance_mm} and "
+                            f"{spec.vs_max_distance_from_cochlea_mm}.")
+        return spec
 
 
 def _quantile(obj: _JsonObject, key: str, default: float, kind: str = "a quantile") -> float:

@@ -66,14 +66,15 @@ def postprocess_labels(labels_zyx: np.ndarray, reference: sitk.Image, ears, spec
         sides = np.where(lateral > 0, "left", "right")
         keep = np.ones(len(ids), bool)
         if label == VS:
-            keep &= counts * voxel_mm3 >= spec.min_vs_volume_mm3
+            volumes_mm3 = counts * voxel_mm3
+            keep &= volumes_mm3 >= spec.min_vs_volume_mm3
             for k, side in enumerate(sides):
                 dz = abs(centroids_lps[k][2] - ears.cochlea_lps[side][2])
                 keep[k] &= dz <= spec.vs_max_z_distance_from_cochlea_mm
             if spec.vs_max_distance_from_cochlea_mm > 0:
                 limit = np.full(len(ids), spec.vs_max_distance_from_cochlea_mm)
                 if spec.vs_large_volume_mm3 > 0:
-                    limit[counts * voxel_mm3 >= spec.vs_large_volume_mm3] = spec.vs_large_max_distance_mm
+                    limit[volumes_mm3 >= spec.vs_large_volume_mm3] = spec.vs_large_max_distance_mm
                 keep &= nearest_distance_mm(comps, ids, sides, reference, ears) <= limit
         if keep_largest:
             for side in ("left", "right"):
