@@ -245,7 +245,8 @@ def contrast_warning(image: sitk.Image, checks: ScanChecks = ScanChecks()) -> Op
         return None
     return (
         f"The scan does not look like an hrT2 (CISS/FIESTA): its brightest voxels do not form the bright "
-        f"fluid plateau of hrT2 (bright-plateau fraction {fraction:.2f}, hrT2 scans have ≥ "
-        f"{checks.min_bright_plateau:.2f}). If it is a ceT1, T1, FLAIR or another contrast, the "
-        "segmentation is unreliable: load the hrT2 series instead."
+        f"fluid plateau of hrT2 (bright-plateau fraction {fraction:.3f}, hrT2 scans have ≥ "
+        f"{checks.min_bright_plateau:.3f}). If it is a ceT1, T1, FLAIR or another contrast, the "
+        "segmentation is unreliable: load the hrT2 series instead. If it is an hrT2, check the result; "
+        "strong shading or little CSF in the field of view can cause this warning."
     )
