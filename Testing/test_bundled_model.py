@@ -31,13 +31,12 @@ def test_bundled_weights_are_safetensors_within_the_size_budget():
     assert 0 < total_mb <= MAX_BUNDLED_MB
 
 
-def test_model_card_says_phantom_demo_not_for_clinical_use():
+def test_model_card_says_not_for_clinical_use():
     spec = resolve_model(None).spec
     assert "NOT FOR CLINICAL USE" in spec.intended_use.upper()
     assert "phantom" in spec.limitations.lower()
     # The sample's seed (4242) and the evaluation seed (9001) were not used for training.
-    seeds = spec.provenance["data_seeds"]
-    seeds = set(seeds.values()) if isinstance(seeds, dict) else set(seeds)
+    seeds = spec.data_seeds()
     assert 4242 not in seeds and 9001 not in seeds
 
 

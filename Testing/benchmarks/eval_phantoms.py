@@ -20,15 +20,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def data_seeds(provenance: dict, with_test: bool = True) -> set:
-    """The phantom seeds in a model's ``provenance.data_seeds`` (a {use: seed} dict or a list); without
-    ``with_test`` the dict's ``test*`` entries are left out (seeds the model was scored on, not trained on)."""
-    seeds = provenance.get("data_seeds", [])
-    if isinstance(seeds, dict):
-        return {v for k, v in seeds.items() if with_test or not k.startswith("test")}
-    return set(seeds)
-
-
 def run(cmd):
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -49,10 +40,11 @@ def main(argv=None):
     from VSCochleaSegLib.localise import cochlea_centres_from_labels
     from VSCochleaSegLib.model_folder import resolve_model
 
-    provenance = resolve_model(args.model).spec.provenance
+    spec = resolve_model(args.model).spec
+    provenance = spec.provenance
     seeds = provenance.get("data_seeds", [])
     seed_text = ", ".join(f"{k} {v}" for k, v in seeds.items()) if isinstance(seeds, dict) else ", ".join(map(str, seeds))
-    if args.seed in data_seeds(provenance):
+    if args.seed in spec.data_seeds():
         sys.exit(f"seed {args.seed} was used to train this model (data seeds: {seed_text}); pick another --seed.")
 
     work = Path(args.work)

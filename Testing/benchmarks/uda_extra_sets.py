@@ -21,9 +21,51 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from eval_phantoms import data_seeds  # noqa: E402  (this folder, first on sys.path when run as a script)
-
 MODELS = {"full_pipeline": Path("runs/method_a/model"), "oracle": Path("runs/oracle/model")}
+METRICS = ("VS_Dice", "Cochlea_Dice")
+
+
+def summarise(scores: dict, work: Path) -> dict:
+    """``{set: {model: evaluate() result}}`` → per-set means (and VS Dice per case) and the means pooled over all
+    cases, with the full-over-oracle ratios."""
+    rows, pooled = {}, {name: {m: [] for m in METRICS} for name in MODELS}
+    for s, by_model in scores.items():
+        rows[s] = {name: {**{m: round(r["mean"][m], 4) for m in METRICS}, "n": len(r["cases"]),
+                          "VS_Dice_cases": [round(c["VS_Dice"], 4) for c in r["cases"].values()]}
+                   for name, r in by_model.items()}
+        for name, r in by_model.items():
+            for m in METRICS:
+                pooled[name][m] += [c[m] for c in r["cases"].values()]
+    means = {name: {m: sum(v) / len(v) for m, v in by_metric.items()} for name, by_metric in pooled.items()}
+    full, oracle = means["full_pipeline"], means["oracle"]
+    return {"work": str(work), "sets": rows,
+            "pooled": {**{name: {m: round(v, 4) for m, v in by_metric.items()} for name, by_metric in means.items()},
+                       "n": len(pooled["oracle"]["VS_Dice"]),
+                       "vs_ratio": round(_ratio(full, oracle, "VS_Dice"), 3),
+                       "cochlea_ratio": round(_ratio(full, oracle, "Cochlea_Dice"), 3)}}
+
+
+def _ratio(full: dict, oracle: dict, metric: str) -> float:
+    return full[metric] / max(oracle[metric], 1e-6)
+
+
+def markdown(result: dict) -> list:
+    """The table of :func:`summarise`'s result, one line per set and a bold pooled line."""
+    def row(label, n, f, o, ratios):
+        return (f"| {label} | {n} | {f['VS_Dice']:.3f} / {f['Cochlea_Dice']:.3f} | "
+                f"{o['VS_Dice']:.3f} / {o['Cochlea_Dice']:.3f} | {ratios} |")
+
+    lines = ["# Phantom UDA benchmark: the same models on extra test sets", "",
+             f"`python Testing/benchmarks/uda_extra_sets.py --work {result['work']}`: full pipeline and oracle of that run "
+             "on its own test set and on extra hrT2 phantom sets of the same generator (VS / cochlea Dice).", "",
+             "| set | n | full pipeline | oracle | VS ratio | cochlea ratio |", "|---|---|---|---|---|---|"]
+    for s, r in result["sets"].items():
+        f, o = r["full_pipeline"], r["oracle"]
+        lines.append(row(s, f["n"], f, o, " | ".join(f"{_ratio(f, o, m):.3f}" for m in METRICS)))
+    p = result["pooled"]
+    lines.append(row("**pooled**", p["n"], p["full_pipeline"], p["oracle"],
+                     f"**{p['vs_ratio']:.3f}** | **{p['cochlea_ratio']:.3f}**"))
+    return lines
 
 
 def main(argv=None):
@@ -43,8 +85,7 @@ def main(argv=None):
     for name, folder in models.items():
         if not (folder / "model.json").is_file():
             sys.exit(f"{folder} has no model.json: --work must be a finished `python -m training.benchmark` folder.")
-    used = set().union(*(data_seeds(ModelSpec.from_json_file(f / "model.json").provenance, with_test=False)
-                         for f in models.values()))
+    used = set().union(*(ModelSpec.from_json_file(f / "model.json").data_seeds(with_test=False) for f in models.values()))
     sets, jobs = {"benchmark test": work / "data" / "test"}, []
     for spec in args.sets:
         seed, n = (int(v) for v in spec.split(":"))
@@ -57,37 +98,11 @@ def main(argv=None):
 
     scores = {s: {name: evaluate(folder, d, args.threads, False) for name, folder in models.items()}
               for s, d in sets.items()}
-    metrics = ("VS_Dice", "Cochlea_Dice")
-    rows, pooled = {}, {name: {m: [] for m in metrics} for name in models}
-    for s, by_model in scores.items():
-        rows[s] = {name: {"VS_Dice": round(r["mean"]["VS_Dice"], 4), "Cochlea_Dice": round(r["mean"]["Cochlea_Dice"], 4),
-                          "n": len(r["cases"]), "VS_Dice_cases": [round(c["VS_Dice"], 4) for c in r["cases"].values()]}
-                   for name, r in by_model.items()}
-        for name, r in by_model.items():
-            for m in metrics:
-                pooled[name][m] += [c[m] for c in r["cases"].values()]
-    means = {name: {m: sum(v) / len(v) for m, v in by_metric.items()} for name, by_metric in pooled.items()}
-    result = {"work": str(work), "sets": rows,
-              "pooled": {**{name: {m: round(v, 4) for m, v in by_metric.items()} for name, by_metric in means.items()},
-                         "n": len(pooled["oracle"]["VS_Dice"]),
-                         "vs_ratio": round(means["full_pipeline"]["VS_Dice"] / means["oracle"]["VS_Dice"], 3),
-                         "cochlea_ratio": round(means["full_pipeline"]["Cochlea_Dice"] / means["oracle"]["Cochlea_Dice"], 3)}}
+    result = summarise(scores, work)
+    lines = markdown(result)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "phantom_uda_extra.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    lines = ["# Phantom UDA benchmark: the same models on extra test sets", "",
-             f"`python Testing/benchmarks/uda_extra_sets.py --work {work}`: full pipeline and oracle of that run on its "
-             "own test set and on extra hrT2 phantom sets of the same generator (VS / cochlea Dice).", "",
-             "| set | n | full pipeline | oracle | VS ratio | cochlea ratio |", "|---|---|---|---|---|---|"]
-    for s, r in rows.items():
-        f, o = r["full_pipeline"], r["oracle"]
-        lines.append(f"| {s} | {f['n']} | {f['VS_Dice']:.3f} / {f['Cochlea_Dice']:.3f} | "
-                     f"{o['VS_Dice']:.3f} / {o['Cochlea_Dice']:.3f} | {f['VS_Dice'] / max(o['VS_Dice'], 1e-6):.3f} | "
-                     f"{f['Cochlea_Dice'] / max(o['Cochlea_Dice'], 1e-6):.3f} |")
-    p = result["pooled"]
-    f, o = p["full_pipeline"], p["oracle"]
-    lines.append(f"| **pooled** | {p['n']} | {f['VS_Dice']:.3f} / {f['Cochlea_Dice']:.3f} | "
-                 f"{o['VS_Dice']:.3f} / {o['Cochlea_Dice']:.3f} | **{p['vs_ratio']:.3f}** | **{p['cochlea_ratio']:.3f}** |")
     (out / "phantom_uda_extra.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

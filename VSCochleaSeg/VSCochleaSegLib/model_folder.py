@@ -544,6 +544,14 @@ class ModelSpec(_Spec):
         entries.update((m.name, m) for m in self.segmentation.members)
         return entries
 
+    def data_seeds(self, with_test: bool = True) -> set:
+        """The phantom seeds in ``provenance.data_seeds`` (a {use: seed} dict or a list; none if absent); without
+        ``with_test`` the dict's ``test*`` entries are left out (seeds the model was scored on, not trained on)."""
+        seeds = self.provenance.get("data_seeds", [])
+        if isinstance(seeds, dict):
+            return {v for k, v in seeds.items() if with_test or not k.startswith("test")}
+        return set(seeds)
+
     def to_dict(self) -> Dict[str, Any]:
         data = super().to_dict()
         return {"format_version": data.pop("format_version"), **data}  # first, as readers check it first
